@@ -1,0 +1,64 @@
+"""The one config mechanism and the checkpoint helpers shared by every script."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from common import UserError, load_checkpoint, parse_config, save_checkpoint, save_config
+
+
+@dataclasses.dataclass
+class Config:
+    preset: str = "synthfaces"  # preset name (recorded)
+    learning_rate: float = 1e-4  # AdamW lr
+    max_iters: int = 10  # steps
+    out_dir: str = "out"  # where to write
+    compile: bool = False  # torch.compile
+    ch_mult: tuple = (1, 2)  # channel multipliers
+
+
+PRESETS = {"synthfaces": {"max_iters": 100}, "tiny": {"max_iters": 3, "ch_mult": (1,)}}
+
+
+def test_preset_then_overrides_with_types():
+    cfg = parse_config(Config, PRESETS, ["--preset=tiny", "--max_iters=7", "--learning_rate=3e-4",
+                                         "--out_dir=runs/a b", "--compile=True", "--ch_mult=(1,2,4)"])
+    assert cfg == Config("tiny", 3e-4, 7, "runs/a b", True, (1, 2, 4))
+    assert parse_config(Config, PRESETS, ["--preset=synthfaces"]).max_iters == 100
+    assert parse_config(Config, PRESETS, ["--learning_rate=1"]).learning_rate == 1.0  # int accepted for float
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--learning_rat=1"], "did you mean --learning_rate"),
+    (["--max_iters=1.5"], "expected int"),
+    (["--compile=maybe"], "expected bool"),
+    (["--preset=nope"], "unknown preset"),
+    (["max_iters=3"], "--key=value"),
+])
+def test_bad_config_gives_one_line_error(argv, needle):
+    with pytest.raises(UserError) as e:
+        parse_config(Config, PRESETS, argv)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_saved_next_to_outputs(tmp_path):
+    cfg = parse_config(Config, PRESETS, ["--preset=tiny"])
+    save_config(cfg, str(tmp_path))
+    assert json.load(open(tmp_path / "config.json")) == {**dataclasses.asdict(cfg), "ch_mult": [1]}
+
+
+def test_checkpoint_atomic_roundtrip_and_bad_file(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    obj = {"model": {"w": torch.randn(3)}, "step": 5, "config": {"a": [1, 2]}}
+    save_checkpoint(obj, path)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # no temp file left behind
+    back = load_checkpoint(path)
+    assert back["step"] == 5 and torch.equal(back["model"]["w"], obj["model"]["w"])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        load_checkpoint(str(tmp_path / "junk.pt"))
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
