@@ -1,0 +1,549 @@
+"""
+The bitwise multi-scale tokenizer of Infinity: BSQ-VAE + multi-scale residual BSQ quantizer.
+
+Contents, top to bottom: scale schedules; resampling and bit <-> code conversions; the multi-scale residual BSQ
+quantizer (Eq. 9-10) with its training regularisers; bitwise self-correction (Eq. 11-12); the conv encoder/decoder
+in the official module layout; `load_infinity_vae()` for the released checkpoints.
+
+References:
+  [Infinity] Han et al., "Infinity: Scaling Bitwise AutoRegressive Modeling for High-Resolution Image Synthesis",
+             arXiv:2412.04431 (official code FoundationVision/Infinity @ 4c27bbb)
+  [BSQ]      Zhao et al., "Image and Video Tokenization with Binary Spherical Quantization", arXiv:2406.07548
+  [HEAR]     HEAR paper, App. A, Eq. (9)-(12)
+
+Dimension letters: B batch, d bits per token (codebook dim), h/w latent rows/cols of one scale,
+H/W full latent size, L total tokens over all scales, K number of scales.
+Images are (B, 3, 16H, 16W) in [-1, 1] (patch size 16; 8 for small images).
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# -----------------------------------------------------------------------------
+# Scale schedules (official table of infinity/utils/dynamic_resolution.py)
+
+# 13 latent "h,w" sizes per aspect template h/w >= 1 (h = rows); the inverse templates swap h and w.
+_RATIO_TO_HW = {ratio: [tuple(map(int, hw.split(","))) for hw in sizes.split()] for ratio, sizes in {
+    1.0: "1,1 2,2 4,4 6,6 8,8 12,12 16,16 20,20 24,24 32,32 40,40 48,48 64,64",
+    1.25: "1,1 2,2 3,3 5,4 10,8 15,12 20,16 25,20 30,24 35,28 45,36 55,44 70,56",
+    1.333: "1,1 2,2 4,3 8,6 12,9 16,12 20,15 24,18 28,21 36,27 48,36 60,45 72,54",
+    1.5: "1,1 2,2 3,2 6,4 9,6 15,10 21,14 27,18 33,22 39,26 48,32 63,42 78,52",
+    1.75: "1,1 2,2 3,3 7,4 11,6 14,8 21,12 28,16 35,20 42,24 56,32 70,40 84,48",
+    2.0: "1,1 2,2 4,2 6,3 10,5 16,8 22,11 30,15 38,19 46,23 60,30 74,37 90,45",
+    2.5: "1,1 2,2 5,2 10,4 15,6 20,8 25,10 30,12 40,16 50,20 65,26 80,32 100,40",
+    3.0: "1,1 2,2 6,2 9,3 15,5 21,7 27,9 36,12 45,15 54,18 72,24 90,30 111,37",
+}.items()}
+# Official template keys in official order: 1.0, then each ratio followed by its inverse. The inverse key is
+# TRUNCATED to 3 decimals (int(1/r*1000)/1000), so 1/1.5 -> 0.666, not 0.667.
+_TEMPLATE_TO_HW = {}
+for _ratio, _hws in _RATIO_TO_HW.items():
+    _TEMPLATE_TO_HW[_ratio] = _hws
+    if _ratio != 1.0:
+        _TEMPLATE_TO_HW[int(1 / _ratio * 1000) / 1000] = [(w, h) for h, w in _hws]
+H_DIV_W_TEMPLATES = list(_TEMPLATE_TO_HW)
+# number of leading scales per official "pn" (pixel-count) setting
+PN_NUM_SCALES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+
+
+def nearest_template(h_div_w):
+    """The official aspect template closest to h/w (argmin |template - h/w|, first one on ties)."""
+    return min(H_DIV_W_TEMPLATES, key=lambda t: abs(t - h_div_w))
+
+
+def template_scales(h_div_w_template):
+    """All 13 (h, w) latent sizes of one template (h = rows)."""
+    return list(_TEMPLATE_TO_HW[h_div_w_template])
+
+
+def get_schedule(h_div_w, pn):
+    """Official scale schedule [(h, w), ...] for an aspect ratio (snapped to its template) and a pn setting."""
+    if pn not in PN_NUM_SCALES:
+        raise ValueError(f"unknown pn {pn!r}; choose one of {sorted(PN_NUM_SCALES)}")
+    return template_scales(nearest_template(h_div_w))[: PN_NUM_SCALES[pn]]
+
+
+def small_schedule(h, w):
+    """Scale schedule ending at any latent size (h, w), e.g. (1,2,4,6,8) for the 8x8 latent of 64 px with patch 8.
+    If an official template/pn ends exactly at (h, w) that official schedule is returned; otherwise the official
+    square progression 1,2,4,6,8,12,16,... below max(h, w) is scaled by (h, w)/max(h, w), then (h, w) is appended."""
+    for hws in _TEMPLATE_TO_HW.values():
+        for n in PN_NUM_SCALES.values():
+            if hws[n - 1] == (h, w):
+                return list(hws[:n])
+    m, schedule = max(h, w), []
+    for s, _ in _RATIO_TO_HW[1.0]:
+        if s >= m:
+            break
+        hw = (max(1, round(s * h / m)), max(1, round(s * w / m)))
+        if not schedule or hw != schedule[-1]:  # rounding can repeat a size on thin latents
+            schedule.append(hw)
+    return schedule + [(h, w)]
+
+
+def rope_grid(h_div_w):
+    """The RoPE position grid (rows, cols) of a template: its last '1M' scale (rope2d_normalized_by_hw=2)."""
+    return template_scales(nearest_template(h_div_w))[-1]
+
+
+def token_offsets(schedule):
+    """Start offset of every scale in the flattened sequence, then the total L. [(h, w)] * K -> K + 1 ints"""
+    offsets = [0]
+    for h, w in schedule:
+        offsets.append(offsets[-1] + h * w)
+    return offsets
+
+
+# -----------------------------------------------------------------------------
+# Resampling and bit <-> code conversion, matched bit-for-bit to the official kernels
+
+
+def resize(x, size, mode):
+    """(B, d, h, w) -> (B, d, *size) with the official 5-D interpolation ('area' down, 'trilinear' up/down).
+    5-D trilinear with T=1 equals bilinear (align_corners=False) mathematically but differs by ulps on CPU,
+    so the 5-D call is kept for bit-exact parity with the official code."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x.unsqueeze(2), size=(1, *size), mode=mode).squeeze(2)
+
+
+def bits_to_codes(bits):
+    """Eq. (9) [HEAR]: bits (..., d) in {0,1} -> codes (..., d) = (2b - 1)/sqrt(d), renormalised as the official
+    indices_to_codes does (so every magnitude equals the official float32 value)."""
+    d = bits.shape[-1]
+    s = 1.0 / math.sqrt(d)
+    return F.normalize(bits.float() * (2 * s) - s, dim=-1)
+
+
+def bits_to_index(bits):
+    """Eq. (10) [HEAR]: bits (..., d) -> index (...,) int64 = sum_p b_p 2^p. For d = 64 this is the two's-complement
+    int64 view of the unsigned index (bit 63 is the sign bit); index_to_bits undoes it exactly.
+    NOTE: the official (unused) int_label mask is MSB-first (2^(d-1) for channel 0); we follow the paper's Eq. (10)."""
+    d = bits.shape[-1]
+    if d > 64:
+        raise ValueError(f"bits_to_index supports d <= 64 (int64), got d={d}")
+    weights = torch.ones(d, dtype=torch.int64, device=bits.device) << torch.arange(d, device=bits.device)  # 2^p, wraps
+    return (bits.long() * weights).sum(-1)
+
+
+def index_to_bits(idx, d):
+    """Inverse of bits_to_index: index (...,) int64 -> bits (..., d) uint8."""
+    shifts = torch.arange(d, device=idx.device)
+    return ((idx.long().unsqueeze(-1) >> shifts) & 1).to(torch.uint8)
+
+
+def codes_to_sequence(codes_list):
+    """Per-scale codes [(B, d, h_k, w_k)] -> (B, L, d), scales low -> high frequency, row-major inside a scale."""
+    return torch.cat([c.flatten(2).transpose(1, 2) for c in codes_list], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Multi-scale residual BSQ (Eq. 9-10 [HEAR] App. A; MultiScaleBSQ + BSQ of [Infinity])
+
+
+def bsq_quantize(r):
+    """Eq. (9) [HEAR]: one scale of BSQ. residual r (B, d, h, w) -> codes (B, d, h, w), bits (B, h, w, d) uint8.
+    z = r/||r|| per position; code = sign(z)/sqrt(d) with 0 -> -1; straight-through gradient to z."""
+    d = r.shape[1]
+    # contiguous channels-last (B, h, w, d), as the official (b n c d) layout: the norm's summation order matches
+    z = F.normalize(r.float().permute(0, 2, 3, 1).contiguous(), dim=-1)
+    zhat = torch.where(z > 0, 1.0, -1.0) * (1.0 / d**0.5)  # on the unit sphere
+    # the forward value is z + (zhat - z), as the official code: it can differ from zhat in the last ulp
+    q = z + (zhat - z).detach()
+    return q.permute(0, 3, 1, 2), (q > 0).to(torch.uint8)
+
+
+def multiscale_bsq(f, schedule):
+    """Eq. (9)-(10) [HEAR]: multi-scale residual BSQ of features f (B, d, H, W); schedule [(h, w)] ends at (H, W).
+    Returns a dict: "z" (B, d, H, W) = sum_k up(codes_k) (gradient reaches f through every scale), and per scale
+    "bits" [(B, h, w, d) uint8] (the labels), "codes" [(B, d, h, w)] (+-1/sqrt(d)), "inputs" [(B, d, h, w)] (the
+    residual fed to BSQ: area-downsampled, full size at the last scale); "residual" (B, d, H, W) is what is left
+    after the last scale (residual + z == f)."""
+    f = f.float()  # the official quantizer runs with autocast off
+    H, W = f.shape[-2:]
+    if tuple(schedule[-1]) != (H, W):
+        raise ValueError(f"the schedule must end at the latent size {(H, W)}, got {tuple(schedule[-1])}")
+    residual, z = f, 0
+    bits_list, codes_list, inputs = [], [], []
+    for h, w in schedule:
+        r = resize(residual, (h, w), "area")  # (B, d, h, w); no-op at full size (the last scale)
+        codes, bits = bsq_quantize(r)
+        up = resize(codes, (H, W), "trilinear")  # (B, d, H, W)
+        residual = residual - up.detach()  # R <- R - up(code_k)
+        z = z + up  # f_hat = sum_k up(code_k)
+        bits_list.append(bits), codes_list.append(codes), inputs.append(r)
+    return {"z": z, "bits": bits_list, "codes": codes_list, "inputs": inputs, "residual": residual}
+
+
+def bits_to_latent(bits_list, schedule):
+    """Summed latent from per-scale bits, as the official decode_from_indices / inference summation.
+    bits_list: [(B, h, w, d) or (B, h*w, d)] -> (B, d, H, W) with (H, W) = schedule[-1]."""
+    H, W = schedule[-1]
+    z = 0
+    for bits, (h, w) in zip(bits_list, schedule, strict=True):
+        bits = bits.reshape(bits.shape[0], h, w, bits.shape[-1])  # (B, h, w, d)
+        codes = bits_to_codes(bits).permute(0, 3, 1, 2)  # (B, d, h, w)
+        z = z + resize(codes, (H, W), "trilinear")
+    return z
+
+
+def _entropy(prob):
+    """Shannon entropy over the last dim (nats), with the BitVAE 1e-8 guard."""
+    return -(prob * torch.log(prob + 1e-8)).sum(-1)
+
+
+def bsq_aux_loss(inputs, commit_weight=0.25, entropy_weight=0.1, inv_temperature=100.0, gamma0=1.0, gamma=1.0,
+                 zeta=1.0):
+    """BSQ training regularisers (BitVAE code, [Infinity] notes 1.4), averaged over scales.
+    inputs: per-scale residuals [(B, d, h, w)] (multiscale_bsq(...)["inputs"]) -> dict of scalars, "aux" = total."""
+    terms = {"aux": [], "commitment": [], "per_sample_entropy": [], "codebook_entropy": []}
+    for r in inputs:
+        d = r.shape[1]
+        z = F.normalize(r.float().permute(0, 2, 3, 1).reshape(-1, d), dim=-1)  # (N, d) on the unit sphere
+        q = torch.where(z > 0, 1.0, -1.0) * (1.0 / d**0.5)  # the code, no gradient
+        commit = F.mse_loss(z, q)
+        # soft bit probabilities; per-sample entropy low (confident bits), codebook entropy high (all codes used)
+        p = torch.sigmoid(-4 * z / math.sqrt(d) * inv_temperature)  # (N, d)
+        prob = torch.stack([p, 1 - p], dim=-1)  # (N, d, 2)
+        per_sample = _entropy(prob).sum(-1).mean()
+        codebook = _entropy(prob.mean(0)).sum()
+        penalty = gamma0 * per_sample - gamma * codebook
+        aux = commit_weight * commit + zeta * penalty / inv_temperature * entropy_weight
+        for name, value in zip(terms, (aux, commit, per_sample, codebook)):
+            terms[name].append(value)
+    return {name: torch.stack(values).mean() for name, values in terms.items()}
+
+
+# -----------------------------------------------------------------------------
+# Bitwise self-correction (Eq. 11-12 [HEAR]; BitwiseSelfCorrection.flip_requant of [Infinity])
+
+
+def flip_bits(bits, p, generator=None):
+    """Eq. (11) [HEAR]: flip each bit independently with probability p. bits (...) uint8 -> (...) uint8.
+    The random numbers are drawn on the generator's device (CPU by default) and moved to the bits' device."""
+    rng_device = generator.device if generator is not None else torch.device("cpu")
+    flip = torch.rand(bits.shape, generator=generator, device=rng_device).to(bits.device) < p
+    return torch.where(flip, 1 - bits, bits)
+
+
+def bitwise_self_correction(features, schedule, p_max=0.0, generator=None):
+    """Eq. (11)-(12) [HEAR]: teacher-forcing inputs and labels with random bit flips, as the official flip_requant.
+    features (B, d, H, W) raw encoder output -> x_BLC_wo_prefix (B, L - 1, d) fp32, labels (B, L, d) uint8.
+    Per scale one p is drawn from {0, 0.01, ..., p_max}, shared by the batch; labels are the clean bits of the
+    residual seen on the corrupted path, so later labels learn to correct earlier flips."""
+    f = features.float()
+    B, d, H, W = f.shape
+    if tuple(schedule[-1]) != (H, W):
+        raise ValueError(f"the schedule must end at the latent size {(H, W)}, got {tuple(schedule[-1])}")
+    rng_device = generator.device if generator is not None else torch.device("cpu")
+    K = len(schedule)
+    cum = torch.zeros_like(f)  # F_k^flip of Eq. (12), (B, d, H, W)
+    inputs, labels = [], []
+    for k, (h, w) in enumerate(schedule):
+        residual = f - cum
+        if k < K - 1:  # the official code skips the area step by index at the last scale
+            residual = resize(residual, (h, w), "area")  # (B, d, h, w)
+        _, bits = bsq_quantize(residual)  # (B, h, w, d) clean label of this scale
+        labels.append(bits.reshape(B, h * w, d))
+        if p_max > 0:
+            # Eq. (11): p ~ U{0, 0.01, ..., p_max}, one draw per scale (official: np.random.randint, here the generator)
+            p = torch.randint(0, round(100 * p_max) + 1, (1,), generator=generator, device=rng_device).item() * 0.01
+            bits = flip_bits(bits, p, generator)
+        # re-quantise from the (possibly flipped) bits; official does this whenever flips are enabled, even at p=0
+        codes = bits_to_codes(bits).permute(0, 3, 1, 2)  # (B, d, h, w)
+        cum = cum + resize(codes, (H, W), "trilinear")  # Eq. (12): F_k = sum_{i<=k} up(R_i^flip)
+        if k < K - 1:  # next scale's input: trilinear (not area) down of the running sum, row-major tokens
+            nxt = resize(cum, schedule[k + 1], "trilinear")  # (B, d, h_{k+1}, w_{k+1})
+            inputs.append(nxt.flatten(2).transpose(1, 2))  # (B, h_{k+1} w_{k+1}, d)
+    return torch.cat(inputs, dim=1), torch.cat(labels, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# BSQ-VAE: conv encoder/decoder in the official layout (infinity/models/bsq_vae/flux_vqgan.py), no attention
+
+
+@dataclass
+class TokenizerConfig:
+    base_ch: int = 128  # channels of the first encoder level (and of the last decoder level)
+    ch_mult: tuple = (1, 2, 4, 4, 4)  # channel multiplier per resolution level
+    num_res_blocks: int = 2  # ResnetBlocks per encoder level (the decoder has one more per level)
+    codebook_dim: int = 32  # d: latent channels = bits per token (Infinity d32)
+    patch_size: int = 16  # image pixels per latent token side: log2(patch_size) down/upsamples (8 for small images)
+
+    def __post_init__(self):
+        self.ch_mult = tuple(self.ch_mult)
+        n = self.patch_size.bit_length() - 1
+        if self.patch_size != 2**n or not 1 <= n <= len(self.ch_mult) - 1:
+            raise ValueError(f"patch_size must be 2^n with 1 <= n <= len(ch_mult) - 1, got {self.patch_size}")
+
+
+def swish(x):
+    """x * sigmoid(x), written as the official code (F.silu can differ in the last ulp)."""
+    return x * torch.sigmoid(x)
+
+
+class Conv(nn.Module):
+    """nn.Conv2d one level deep, so state_dict keys read '<name>.conv.weight' as in the official checkpoint."""
+
+    def __init__(self, c_in, c_out, kernel_size=3, stride=1, padding=1):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Norm(nn.Module):
+    """GroupNorm(32 groups, or 24 when 32 does not divide C; eps 1e-6), keys '<name>.norm.weight' as official."""
+
+    def __init__(self, c):
+        super().__init__()
+        groups = 32 if c % 32 == 0 else 24 if c % 24 == 0 else None
+        if groups is None:
+            raise ValueError(f"GroupNorm needs channels divisible by 32 (or 24), got {c}")
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class ResnetBlock(nn.Module):
+    """(norm, swish, conv3x3) x 2 plus a skip (1x1 nin_shortcut if channels change). (B, c_in, ..) -> (B, c_out, ..)"""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = Norm(c_in), Conv(c_in, c_out)
+        self.norm2, self.conv2 = Norm(c_out), Conv(c_out, c_out)
+        if c_in != c_out:
+            self.nin_shortcut = Conv(c_in, c_out, kernel_size=1, padding=0)
+
+    def forward(self, x):
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class Downsample(nn.Module):
+    """Zero-pad right/bottom by 1, then 3x3 conv with stride 2. (B, C, h, w) -> (B, C, h/2, w/2)"""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = Conv(c, c, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then 3x3 conv. (B, C, h, w) -> (B, C, 2h, 2w)"""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = Conv(c, c)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(c_in, c_out, num_blocks, resample=None):
+    """One resolution level: `block` (ResnetBlocks) and an optional `downsample` / `upsample`, named as official."""
+    level = nn.Module()
+    level.block = nn.ModuleList([ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(num_blocks)])
+    if resample == "down":
+        level.downsample = Downsample(c_out)
+    elif resample == "up":
+        level.upsample = Upsample(c_out)
+    return level
+
+
+def _run_level(level, h):
+    """Run one level built by _level: its ResnetBlocks, then its resampling conv if any."""
+    for block in level.block:
+        h = block(h)
+    for name in ("downsample", "upsample"):
+        if hasattr(level, name):
+            h = getattr(level, name)(h)
+    return h
+
+
+def _mid(c):
+    """The middle of encoder and decoder: two ResnetBlocks at the deepest width (no attention)."""
+    mid = nn.Module()
+    mid.block_1, mid.block_2 = ResnetBlock(c, c), ResnetBlock(c, c)
+    return mid
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, H*p, W*p) -> raw features (B, d, H, W); downsample after level i when i < log2(p)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, n_down = cfg.base_ch, int(math.log2(cfg.patch_size))
+        self.conv_in = Conv(3, ch)
+        self.down, c = nn.ModuleList(), ch
+        for i, mult in enumerate(cfg.ch_mult):
+            self.down.append(_level(c, ch * mult, cfg.num_res_blocks, "down" if i < n_down else None))
+            c = ch * mult
+        self.mid = _mid(c)
+        self.norm_out, self.conv_out = Norm(c), Conv(c, cfg.codebook_dim)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = _run_level(level, h)
+        h = self.mid.block_2(self.mid.block_1(h))
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent (B, d, H, W) -> image (B, 3, H*p, W*p); `up` is indexed by level and runs high -> low, upsampling after
+    level i when 1 <= i <= log2(p)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, n_up = cfg.base_ch, int(math.log2(cfg.patch_size))
+        c = ch * cfg.ch_mult[-1]
+        self.conv_in = Conv(cfg.codebook_dim, c)
+        self.mid = _mid(c)
+        up = []
+        for i in reversed(range(len(cfg.ch_mult))):
+            up.insert(0, _level(c, ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, "up" if 1 <= i <= n_up else None))
+            c = ch * cfg.ch_mult[i]
+        self.up = nn.ModuleList(up)
+        self.norm_out, self.conv_out = Norm(c), Conv(c, 3)
+
+    def forward(self, z):
+        h = self.mid.block_2(self.mid.block_1(self.conv_in(z)))
+        for level in reversed(self.up):
+            h = _run_level(level, h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class BSQVAE(nn.Module):
+    """The Infinity BSQ-VAE. state_dict keys equal the official (wrapped) names, except that the two stateless
+    quantizer buffers `quantizer.lfq.mask` / `quantize.lfq.mask` are not registered (load_infinity_vae drops them)."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = cfg if cfg is not None else TokenizerConfig()
+        self.encoder = Encoder(self.cfg)
+        self.decoder = Decoder(self.cfg)
+
+    def encode(self, x):
+        """Image (B, 3, H*p, W*p) in [-1, 1] -> raw features (B, d, H, W) fp32 (not normalised, not quantized)."""
+        return self.encoder(x).float()
+
+    def decode(self, z, clamp=True):
+        """Latent (B, d, H, W) -> image (B, 3, H*p, W*p); clamp to [-1, 1] as the official decode()."""
+        x = self.decoder(z)
+        return x.clamp(-1, 1) if clamp else x
+
+    def quantize(self, h, schedule=None):
+        """Multi-scale residual BSQ of h (B, d, H, W), default schedule small_schedule(H, W) -> dict (multiscale_bsq)"""
+        return multiscale_bsq(h, schedule if schedule is not None else small_schedule(*h.shape[-2:]))
+
+    def forward(self, x, schedule=None, **aux_weights):
+        """Image -> (reconstruction (B, 3, H*p, W*p), not clamped as the official forward; dict of aux losses)."""
+        q = self.quantize(self.encode(x), schedule)
+        return self.decode(q["z"], clamp=False), bsq_aux_loss(q["inputs"], **aux_weights)
+
+
+# -----------------------------------------------------------------------------
+# Loading official checkpoints (infinity_vae_d32reg.pth and the other released sizes)
+
+# the stateless quantizer buffer (2^(d-1..0)), registered twice by the official module; accepted and dropped
+_DROPPED_SUFFIX = ".lfq.mask"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not map one-to-one onto BSQVAE (missing / unexpected / mis-shaped tensors)."""
+
+
+def _flat_name(key):
+    """Official wrapped name -> the 'flat' spelling that official load_cnn also accepts (one wrapper level dropped):
+    'a.conv1.conv.weight' -> 'a.conv1.weight', 'a.downsample.conv.conv.bias' -> 'a.downsample.conv.bias'."""
+    *module, wrapper, leaf = key.split(".")
+    return ".".join(module + [leaf]) if wrapper in ("conv", "norm") else key
+
+
+def _read_state_dict(src):
+    """Path (.pth / .safetensors) or dict -> flat {name: tensor}; takes the official top-level "vae" entry."""
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file  # optional dependency, only needed for this format
+
+            src = load_file(path)
+        else:
+            src = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(src, dict):
+        raise CheckpointMismatchError(f"expected a state dict (or a dict with key 'vae'), got {type(src).__name__}")
+    if isinstance(src.get("vae"), dict):
+        src = src["vae"]
+    return dict(src)
+
+
+def config_from_state_dict(sd):
+    """Infer TokenizerConfig from weight names and shapes (either spelling; only .shape is read)."""
+
+    def shape(wrapped):
+        for name in (wrapped, _flat_name(wrapped)):
+            if name in sd:
+                return tuple(sd[name].shape)
+        raise CheckpointMismatchError(f"not a BSQ-VAE checkpoint: no tensor {wrapped!r} (nor its flat spelling); "
+                                      f"pass the official infinity_vae_*.pth or its 'vae' state dict")
+
+    base_ch = shape("encoder.conv_in.conv.weight")[0]
+    levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
+    blocks = {k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")}
+    n_down = sum(any(k.startswith(f"encoder.down.{i}.downsample.") for k in sd) for i in levels)
+    return TokenizerConfig(
+        base_ch=base_ch,
+        ch_mult=tuple(shape(f"encoder.down.{i}.block.0.conv1.conv.weight")[0] // base_ch for i in levels),
+        num_res_blocks=len(blocks),
+        codebook_dim=shape("encoder.conv_out.conv.weight")[0],
+        patch_size=2**n_down,
+    )
+
+
+def _short(items, n=6):
+    return f"{len(items)} [{', '.join(items[:n])}{', ...' if len(items) > n else ''}]"
+
+
+def load_infinity_vae(path_or_state_dict, device="cpu"):
+    """Build a BSQVAE from an official checkpoint and load it strictly. -> model in eval mode, fp32.
+    Accepts a .pth (torch.load(weights_only=True), top-level "vae"), a .safetensors file or a state dict, in the
+    wrapped ('conv1.conv.weight') or flat ('conv1.weight') spelling; the architecture is inferred from the shapes.
+    Raises CheckpointMismatchError (one line) unless every tensor is consumed and every shape matches."""
+    sd = _read_state_dict(path_or_state_dict)
+    cfg = config_from_state_dict(sd)
+    model = BSQVAE(cfg)
+    ours = model.state_dict()
+    flat_to_ours = {_flat_name(k): k for k in ours}
+    mapped, unexpected, mismatched = {}, [], []
+    for key, tensor in sd.items():
+        target = key if key in ours else flat_to_ours.get(key)
+        if target is None:
+            if key.endswith(_DROPPED_SUFFIX) and tuple(tensor.shape) == (cfg.codebook_dim,):
+                continue  # 2^(d-1..0), recomputable, not a parameter
+            unexpected.append(key)
+        elif target in mapped:
+            unexpected.append(f"{key} (duplicate of {target})")
+        elif tensor.shape != ours[target].shape:
+            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(ours[target].shape)}")
+            mapped[target] = None
+        else:
+            mapped[target] = tensor
+    missing = [k for k in ours if k not in mapped]
+    if missing or unexpected or mismatched:
+        problems = [f"{what} {_short(items)}" for what, items in
+                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
+        raise CheckpointMismatchError(
+            f"checkpoint does not match BSQVAE({cfg}): {'; '.join(problems)}. Pass an unmodified official "
+            f"infinity_vae_*.pth (top-level 'vae') or a state dict with the official key names")
+    model.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True)
+    return model.to(device=device, dtype=torch.float32).eval()
