@@ -1,0 +1,695 @@
+"""
+The HEAR transformer: Infinity's bitwise next-scale autoregressive backbone plus HEAR's two identity paths.
+
+  backbone   [Infinity] text-conditioned blocks (shared AdaLN, cosine self-attention with 2-D RoPE, cross-attention,
+             FFN), bitwise classifier head, block-causal training, KV-cached sampling with CFG (Eq. 8 [HEAR])
+  global     Eq. (3)-(4) [HEAR]: global face tokens join the text tokens of every cross-attention
+  local      Eq. (5)-(7) [HEAR]: a decoupled high-frequency cross-attention (W'_K, W'_V) added in every block
+  weights    load_infinity(): the official Infinity checkpoints, strictly checked, HEAR-only parameters initialised
+
+Parameter names follow the official state_dict so that loading is a rename (`block_chunks.{c}.module.{m}` ->
+`blocks.{i}`). Attention is F.scaled_dot_product_attention everywhere (FlexAttention for the training mask on CUDA).
+
+References:
+  [Infinity] Han et al., "Infinity: Scaling Bitwise AutoRegressive Modeling for High-Resolution Image Synthesis",
+             arXiv:2412.04431 (official code FoundationVision/Infinity @ 4c27bbb)
+  [VAR]      Tian et al., "Visual Autoregressive Modeling: Scalable Image Generation via Next-Scale Prediction",
+             arXiv:2404.02905
+  [HEAR]     "HEAR: High-frequency Enhanced AutoRegressive modeling for identity-preserving image generation",
+             Sec. 3.3, Eq. (3)-(8)
+  [RoFormer] Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding", arXiv:2104.09864
+  [PaLM]     Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", arXiv:2204.02311, App. B
+
+Dimension letters: B batch, L tokens of all scales, l tokens of one scale, K scales, C model width, H heads,
+hd head dim, T text tokens, Ct text width, N face tokens, d bits per token, h/w rows/cols of one scale.
+"""
+
+import functools
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tokenizer import bits_to_codes, resize, token_offsets
+
+try:  # FlexAttention (torch >= 2.5) runs the block-causal mask tile by tile instead of as an L x L tensor
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover
+    BlockMask = create_block_mask = flex_attention = None
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 4  # number of transformer blocks
+    embed_dim: int = 256  # C: model width
+    num_heads: int = 4  # attention heads; head_dim = C / num_heads must be a multiple of 4 (2-D RoPE)
+    mlp_ratio: float = 4.0  # FFN hidden = round(C * mlp_ratio / 256) * 256 (official rounding)
+    codebook_dim: int = 32  # d: bits per token = latent channels of the tokenizer
+    text_channels: int = 256  # Ct: width of the text features (>= 128: the text pool has Ct // 128 heads)
+    text_maxlen: int = 64  # rows of the learned null caption cfg_uncond (the longest caption CFG can replace)
+    num_levels: int = 15  # rows of lvl_embed (the most scales a schedule may have)
+    norm_eps: float = 1e-6  # epsilon of every LayerNorm / RMSNorm
+    drop_path_rate: float = 0.0  # stochastic depth on the SA and FFN branches, linear 0 -> rate over the blocks
+    grad_checkpointing: bool = False  # recompute every block in the backward pass (saves activation memory)
+    use_global_face: bool = False  # HEAR Eq. (3)-(4): global face tokens join the text of the cross-attention
+    global_face_dim: int = 512  # width of the global face tokens v_g (projected to Ct by face_global_proj)
+    use_hf_adapter: bool = False  # HEAR Eq. (5)-(7): decoupled high-frequency cross-attention in every block
+    hf_face_dim: int = 32  # width of the high-frequency face tokens v_hf (d of the face encoder's codes)
+
+    def __post_init__(self):
+        if self.num_heads < 1 or self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f"embed_dim {self.embed_dim} / num_heads {self.num_heads} must give a head_dim that is "
+                             "a multiple of 4 (2-D RoPE splits it into row and column pairs)")
+        heads = text_pool_heads(self.embed_dim, self.text_channels)
+        if heads < 1 or self.embed_dim % heads:
+            raise ValueError(f"text_channels {self.text_channels} gives {heads} text-pool heads (Ct // 128, as "
+                             f"official); it must be >= 1 and divide embed_dim {self.embed_dim}")
+
+
+# Official Infinity-2B sizes (infinity_2b_reg.pth, with the d32 BSQ-VAE); presets themselves live in the scripts.
+INFINITY_2B = dict(depth=32, embed_dim=2048, num_heads=16, mlp_ratio=4.0, codebook_dim=32, text_channels=2048,
+                   text_maxlen=512, drop_path_rate=0.1)
+
+# substrings that mark the parameters HEAR adds to Infinity (everything else is the pretrained backbone)
+HEAR_PARAM_MARKERS = ("face_global_proj.", "face_hf_proj.", ".mat_kv_hf.", ".v_bias_hf")
+
+
+def text_pool_heads(C, Ct):
+    """Heads of the text attention pool as official: head width 128 (64 when C > 4096) fixes Ct // width heads,
+    then each head has C // heads channels (2B: 16 heads of 128; the tiny fixture, Ct 256: 2 heads of C / 2)."""
+    return Ct // (64 if C > 4096 else 128)
+
+
+def mlp_hidden(C, mlp_ratio):
+    """FFN width: Python round (half to even) of C * ratio / 256, times 256 [Infinity]; at least 256."""
+    return max(round(C * mlp_ratio / 256), 1) * 256
+
+
+# -----------------------------------------------------------------------------
+# 2-D rotary position embedding [RoFormer] as Infinity uses it (rope2d_normalized_by_hw=2)
+
+
+def rope_2d_positions(schedule, rope_grid):
+    """Row and column (L,) int64 of every token of `schedule` [(h, w), ...] on the template's final '1M' grid
+    (gh, gw) = rope_grid: token (i, j) of an h x w scale sits at (round(i gh / h), round(j gw / w)), computed in
+    float32 with round-half-even as official (rope2d_normalized_by_hw=2). Tokens are row-major (h outer, w inner)."""
+    gh, gw = rope_grid
+    rows = [(torch.arange(h) * (gh / h)).round().long().repeat_interleave(w) for h, w in schedule]
+    cols = [(torch.arange(w) * (gw / w)).round().long().repeat(h) for h, w in schedule]
+    return torch.cat(rows), torch.cat(cols)
+
+
+def rope_2d_table(schedule, rope_grid, head_dim, base=10000.0):
+    """cos, sin (L, head_dim/2) of the 2-D RoPE angles: pairs 0 .. hd/4-1 rotate with the row position, the next
+    hd/4 with the column position, both with inv_freq[j] = base^(-2j / (hd/2))."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))  # (hd/4,)
+    rows, cols = rope_2d_positions(schedule, rope_grid)  # (L,) each
+    angle = torch.cat((rows[:, None].float() * inv_freq, cols[:, None].float() * inv_freq), dim=-1)  # (L, hd/2)
+    return torch.cos(angle), torch.sin(angle)
+
+
+def apply_rope_2d(x, cos, sin):
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x (B, H, l, hd) by the angles of cos/sin (l, hd/2)."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, l, hd/2) each
+    return torch.stack((cos * x0 - sin * x1, sin * x0 + cos * x1), dim=-1).flatten(-2)  # (B, H, l, hd)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention is only fused when compiled; compile it once, on first use on CUDA (never at import)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """text_norm [Infinity]: x * rsqrt(mean(x^2) + eps) * w, in fp32."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class SelfAttention(nn.Module):
+    """Cosine self-attention with 2-D RoPE [Infinity]: q, k are L2-normalised, q is multiplied by a learned per-head
+    temperature exp(min(s_h, ln 100)), and the softmax scale is 1."""
+
+    def __init__(self, C, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, C // num_heads
+        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)  # rows [q; k; v], heads contiguous
+        self.q_bias = nn.Parameter(torch.zeros(C))
+        self.v_bias = nn.Parameter(torch.zeros(C))  # (the official K bias is a zero buffer)
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x, rope, attn_mask=None, cache=None):
+        """x (B, l, C), rope = (cos, sin) of these l tokens -> (B, l, C). `cache` (dict) holds the keys/values of
+        earlier scales during KV-cached sampling; attn_mask is None there, a bool (L, L) or a BlockMask in training."""
+        B, l, C = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # (3C,)
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, l, hd) each
+        q = F.normalize(q.float(), dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100.0)).exp()
+        k = F.normalize(k.float(), dim=-1)
+        q, k = apply_rope_2d(q, *rope).to(v.dtype), apply_rope_2d(k, *rope).to(v.dtype)
+        if cache is not None:  # keys/values are cached after normalisation and RoPE
+            if "k" in cache:
+                k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)  # (B, H, L_seen, hd)
+            cache["k"], cache["v"] = k, v
+        if BlockMask is not None and isinstance(attn_mask, BlockMask):
+            attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+            out = attend(q, k, v, block_mask=attn_mask, scale=1.0)  # (B, H, l, hd)
+        else:
+            # NOTE: a tensor attn_mask (training without FlexAttention) rules out SDPA's flash kernel;
+            # KV-cached sampling passes None, so it is flash-eligible.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)  # (B, H, l, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, l, C))
+
+
+class CrossAttention(nn.Module):
+    """Softmax cross-attention to a key-padded token set, scale 1/sqrt(hd) [Infinity]. `pool=True`: the query is one
+    learned vector per head (text attention pool). `hf_adapter=True`: HEAR's decoupled second K/V (Eq. 6-7)."""
+
+    def __init__(self, C, kv_dim, num_heads, pool=False, hf_adapter=False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, C // num_heads
+        self.mat_q = nn.Parameter(torch.zeros(1, num_heads, C // num_heads)) if pool else nn.Linear(C, C)
+        self.mat_kv = nn.Linear(kv_dim, 2 * C, bias=False)  # rows [k; v]: W_K, W_V of Eq. (4)
+        self.v_bias = nn.Parameter(torch.zeros(C))
+        self.proj = nn.Linear(C, C)
+        if hf_adapter:  # W'_K, W'_V of Eq. (6); initialised as a copy of mat_kv / v_bias
+            self.mat_kv_hf = nn.Linear(C, 2 * C, bias=False)
+            self.v_bias_hf = nn.Parameter(torch.zeros(C))
+
+    def _keys_values(self, src, weight, v_bias):
+        """src (B, T, kv_dim) -> keys, values (B, H, T, hd) each; K has no bias, V has v_bias."""
+        B, T, _ = src.shape
+        kv = F.linear(src, weight, torch.cat((torch.zeros_like(v_bias), v_bias)))  # (B, T, 2C)
+        return kv.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x, src, src_mask, hf=None, id_scale=1.0, cache=None):
+        """x (B, l, C) queries (None: the learned pool query, l = 1), src (B, T, kv_dim), src_mask (B, T) bool
+        (True = real token), hf (B, N, C) high-frequency face tokens or None -> (B, l, C)."""
+        B = src.shape[0]
+        if x is None:
+            q = self.mat_q.unsqueeze(2).expand(B, -1, -1, -1)  # (B, H, 1, hd)
+        else:
+            q = self.mat_q(x).view(B, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, l, hd)
+        if cache is not None and "ca" in cache:  # sampling: the text keys/values are the same at every scale
+            k, v = cache["ca"]
+        else:
+            k, v = self._keys_values(src, self.mat_kv.weight, self.v_bias)  # (B, H, T, hd)
+            if cache is not None:
+                cache["ca"] = (k, v)
+        # Eq. (4) [HEAR]: Z_g = softmax(Q K^T / sqrt(hd)) V over the valid tokens of each sample (the official varlen
+        # flash call); NOTE: the key-padding mask rules out SDPA's flash kernel
+        z = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=src_mask[:, None, None, :])
+        if hf is not None and id_scale != 0:
+            if cache is not None and "ca_hf" in cache:
+                k_hf, v_hf = cache["ca_hf"]
+            else:
+                k_hf, v_hf = self._keys_values(hf, self.mat_kv_hf.weight, self.v_bias_hf)  # (B, H, N, hd)
+                if cache is not None:
+                    cache["ca_hf"] = (k_hf, v_hf)
+            # Eq. (6)-(7) [HEAR]: Z' = Z_g + lambda * softmax(Q K'^T / sqrt(hd)) V', same Q; lambda = id_scale
+            z = z + id_scale * F.scaled_dot_product_attention(q, k_hf.to(q.dtype), v_hf.to(q.dtype))
+        return self.proj(z.transpose(1, 2).reshape(B, q.shape[2], -1))  # (B, l, C)
+
+
+class TextAttentivePool(nn.Module):
+    """Pools the normalised text tokens into one vector (B, C) with a learned query [Infinity]: the sos token and the
+    input of every AdaLN."""
+
+    def __init__(self, C, Ct):
+        super().__init__()
+        self.ca = CrossAttention(C, Ct, text_pool_heads(C, Ct), pool=True)
+
+    def forward(self, text, mask):
+        """text (B, T, Ct), mask (B, T) -> (B, C)"""
+        return self.ca(None, text, mask).squeeze(1)
+
+
+class FFN(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2."""
+
+    def __init__(self, C, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, hidden), nn.Linear(hidden, C)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Condition(NamedTuple):
+    """What the blocks read besides the image tokens; built once per forward / generate call."""
+
+    cond: torch.Tensor  # (B, C) pooled text: the sos token, the AdaLN and head-AdaLN input
+    gss: torch.Tensor  # (B, 1, 6, C) shared AdaLN projection of cond
+    kv: torch.Tensor  # (B, T', C) cross-attention source f of Eq. (3): projected text (+ global face) tokens
+    kv_mask: torch.Tensor  # (B, T') bool, True = real token
+    hf: torch.Tensor | None  # (B, N, C) projected high-frequency face tokens v_hf of Eq. (5), or None
+    id_scale: float  # lambda of Eq. (7)
+
+
+class Block(nn.Module):
+    """Infinity CrossAttnBlock: x += g1 SA(AdaLN1 x); x += CA(ca_norm x) (no AdaLN, weight 1); x += g2 FFN(AdaLN2 x)."""
+
+    def __init__(self, cfg, drop_path):
+        super().__init__()
+        C = cfg.embed_dim
+        self.eps, self.drop_path = cfg.norm_eps, drop_path
+        self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, C))  # per-block offset of the shared AdaLN
+        self.sa = SelfAttention(C, cfg.num_heads)
+        self.ca = CrossAttention(C, C, cfg.num_heads, hf_adapter=cfg.use_hf_adapter)
+        self.ffn = FFN(C, mlp_hidden(C, cfg.mlp_ratio))
+        self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
+
+    def _drop(self, y):
+        """Stochastic depth: drop the whole branch of a sample with probability drop_path (training only)."""
+        if not self.training or self.drop_path == 0:
+            return y
+        keep = y.new_empty(y.shape[0], 1, 1).bernoulli_(1 - self.drop_path)
+        return y * keep / (1 - self.drop_path)
+
+    def forward(self, x, c, rope, attn_mask=None, cache=None):
+        """x (B, l, C), c: Condition -> (B, l, C)"""
+        # official order along dim 2 of ada_gss + gss: gamma1, gamma2, scale1, scale2, shift1, shift2
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + c.gss).unbind(2)  # (B, 1, C) each
+        h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1 + scale1) + shift1
+        x = x + self._drop(self.sa(h, rope, attn_mask, cache) * gamma1)
+        x = x + self.ca(self.ca_norm(x), c.kv, c.kv_mask, c.hf, c.id_scale, cache)
+        h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1 + scale2) + shift2
+        return x + self._drop(self.ffn(h) * gamma2)
+
+
+class AdaLNBeforeHead(nn.Module):
+    """LayerNorm (no affine) modulated by (scale, shift) from the pooled text [Infinity]."""
+
+    def __init__(self, C, eps):
+        super().__init__()
+        self.eps = eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+
+    def forward(self, x, cond):
+        """x (B, l, C), cond (B, C) -> (B, l, C)"""
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, x.shape[-1]).unbind(2)  # (B, 1, C) each
+        return F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1 + scale) + shift
+
+
+def sample_bits(logits, top_k=900, top_p=0.97, generator=None):
+    """logits (B, n, 2) of n two-way bit classifiers -> bits (B, n) int64, as the official sampler: top-k (a no-op
+    for k >= 2), top-p (drop the smaller class when its probability <= 1 - top_p), then ONE torch.multinomial call
+    over (B*n, 2) rows in row-major order (so a seeded CPU generator reproduces the official draws)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1)  # ascending
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[..., -1] = False  # always keep the most likely class
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), -torch.inf)
+    probs = logits.softmax(-1).view(-1, logits.shape[-1])  # (B*n, 2)
+    return torch.multinomial(probs, 1, replacement=True, generator=generator).view(logits.shape[:2])
+
+
+def bitwise_loss(logits, bits, token_weights=None):
+    """Bitwise classifier loss [Infinity]: cross-entropy of the d two-way classifiers, mean over bits, weighted sum
+    over tokens (uniform 1/L when token_weights (L,) is None), mean over the batch.
+    logits (B, L, 2d), bits (B, L, d) in {0, 1} -> scalar."""
+    B, L, d = bits.shape
+    ce = F.cross_entropy(logits.float().view(B, L, d, 2).permute(0, 3, 1, 2), bits.long(), reduction="none")  # (B,L,d)
+    w = torch.full((L,), 1.0 / L, device=bits.device) if token_weights is None else token_weights
+    return (ce.mean(-1) * w).sum(-1).mean()
+
+
+def scale_loss_weights(schedule, reweight=True):
+    """Token weights (L,) summing to 1: uniform, or the official reweight_loss_by_scale (w_k proportional to
+    sqrt(h_K w_K / (h_k w_k)) for each token of scale k, so coarse scales are not drowned by fine ones)."""
+    last = schedule[-1][0] * schedule[-1][1]
+    w = torch.cat([torch.full((h * w,), math.sqrt(last / (h * w)) if reweight else 1.0) for h, w in schedule])
+    return w / w.sum()
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class HEARTransformer(nn.Module):
+    """Infinity transformer with HEAR's global face tokens (Eq. 3-4) and decoupled high-frequency adapter (Eq. 5-7)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C, Ct, d = cfg.embed_dim, cfg.text_channels, cfg.codebook_dim
+        # text path: RMSNorm, then (a) attention pool -> cond / sos, (b) MLP -> cross-attention source
+        self.cfg_uncond = nn.Parameter(torch.zeros(cfg.text_maxlen, Ct))  # learned null caption for CFG
+        self.text_norm = RMSNorm(Ct, cfg.norm_eps)
+        self.text_proj_for_sos = TextAttentivePool(C, Ct)
+        self.text_proj_for_ca = nn.Sequential(nn.Linear(Ct, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))  # W_g
+        # image tokens: first token = sos + pos_start; then word_embed of the continuous cumulative code map
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        self.word_embed = nn.Linear(d, C)
+        self.lvl_embed = nn.Embedding(cfg.num_levels, C)  # one row per scale, added once before the first block
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))  # shared AdaLN of all blocks
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # Python floats: meta-safe
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
+        self.head = nn.Linear(C, 2 * d)  # [..., 2k] = logit of bit k = 0, [..., 2k + 1] = logit of bit k = 1
+        # HEAR-only parameters
+        if cfg.use_global_face:
+            self.face_global_proj = nn.Linear(cfg.global_face_dim, Ct)  # v_g -> text width (then W_g of Eq. 3)
+        if cfg.use_hf_adapter:
+            self.face_hf_proj = nn.Linear(cfg.hf_face_dim, C)  # W_hf of Eq. (5)
+        self.attn_backend = "auto"  # training mask: "auto" = FlexAttention on CUDA else SDPA; "flex"; "sdpa"
+        self._block_masks = {}  # FlexAttention BlockMask per (schedule, device), rebuilt on demand
+        self.init_weights()
+
+    # ----- initialisation and parameter groups
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Fresh-model init after the official special_init [Infinity]: truncated normal std sqrt(1/(3C)) for every
+        Linear / Embedding, tiny AdaLN projections (1e-3) and residual gammas (5e-6), head weights x0.02, output
+        projections / sqrt(2 depth). Loading official weights overwrites all of it except the HEAR-only parameters."""
+        C, depth = self.cfg.embed_dim, self.cfg.depth
+        std = (1.0 / (3 * C)) ** 0.5
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cfg_uncond, std=self.cfg.text_channels**-0.5)
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        nn.init.trunc_normal_(self.text_proj_for_sos.ca.mat_q, std=std)
+        for lin in (self.shared_ada_lin[1], self.head_nm.ada_lin[1]):
+            lin.weight.mul_(1e-3)
+        self.head.weight.mul_(0.02)
+        for b in self.blocks:
+            for lin in (b.sa.proj, b.ca.proj, b.ffn.fc2):
+                lin.weight.div_(math.sqrt(2 * depth))
+            nn.init.normal_(b.ada_gss, std=C**-0.5)
+            b.ada_gss[:, :, :2].mul_(5e-6)  # gamma1, gamma2: residual branches start almost closed
+            b.ada_gss[:, :, 2:].mul_(1e-3)
+        self.init_hf_adapter_from_backbone()
+
+    @torch.no_grad()
+    def init_hf_adapter_from_backbone(self):
+        """Eq. (6) [HEAR]: W'_K, W'_V start as copies of the block's W_K, W_V (mat_kv and its v_bias)."""
+        if self.cfg.use_hf_adapter:
+            for b in self.blocks:
+                b.ca.mat_kv_hf.weight.copy_(b.ca.mat_kv.weight)
+                b.ca.v_bias_hf.copy_(b.ca.v_bias)
+
+    def hear_parameter_names(self):
+        """Names of the parameters HEAR adds to Infinity (face projections, W'_K / W'_V and their v bias)."""
+        return [n for n, _ in self.named_parameters() if any(m in n for m in HEAR_PARAM_MARKERS)]
+
+    def freeze_backbone(self, also_train=()):
+        """Train only the HEAR-only parameters (plus names containing any of `also_train`, e.g. "text_proj_for_ca"
+        for W_g); returns the trainable names."""
+        keep = set(self.hear_parameter_names())
+        for n, p in self.named_parameters():
+            p.requires_grad_(n in keep or any(s in n for s in also_train))
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def num_params(self, trainable_only=False):
+        """Number of parameters (all, or only those with requires_grad)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def estimate_flops_per_token(self, schedule, text_len=0, num_hf_tokens=0):
+        """Training FLOPs per image token (forward + backward) [PaLM App. B]: 6 N for the N parameters applied to every
+        image token, plus 12 * depth * C * keys for attention scores and values, where keys = the mean number of
+        tokens a query sees under the block-causal mask (its own and all earlier scales) + text (+ face) tokens.
+        Text-side projections run once per caption, not per image token, and are left out."""
+        sizes = [h * w for h, w in schedule]
+        seen = sum(s * sum(sizes[: k + 1]) for k, s in enumerate(sizes)) / sum(sizes)  # mean visible self-attn keys
+        per_token = [p.numel() for n, p in self.named_parameters() if n.startswith(("blocks.", "word_embed", "head"))
+                     and ".mat_kv" not in n and ".v_bias_hf" not in n and not n.endswith("ca.v_bias")]
+        keys = seen + text_len + num_hf_tokens
+        return 6 * sum(per_token) + 12 * self.cfg.depth * self.cfg.embed_dim * keys
+
+    # ----- conditioning
+
+    def null_text(self, T):
+        """The learned null caption (T, Ct); with lengths len_b its valid rows are cfg_uncond[:len_b] (official)."""
+        if T > self.cfg.text_maxlen:
+            raise ValueError(f"captions of {T} tokens exceed text_maxlen {self.cfg.text_maxlen} (rows of cfg_uncond)")
+        return self.cfg_uncond[:T]
+
+    def drop_condition(self, text, drop, face_global=None, face_hf=None):
+        """CFG training dropout: samples with drop[b] (B,) bool get the null caption cfg_uncond[:len_b] and zero face
+        tokens (the same null condition that generate() uses for its unconditional half)."""
+        keep = ~drop.view(-1, 1, 1)  # (B, 1, 1)
+        text = torch.where(keep, text, self.null_text(text.shape[1]).to(text.dtype))
+        face_global = None if face_global is None else face_global * keep
+        face_hf = None if face_hf is None else face_hf * keep
+        return text, face_global, face_hf
+
+    def encode_condition(self, text, text_lens, face_global=None, face_hf=None, id_scale=1.0):
+        """text (B, T, Ct) zero-padded, text_lens (B,) >= 1, face_global (B, N_g, global_face_dim) or None,
+        face_hf (B, N_hf, hf_face_dim) or None -> Condition. Runs in fp32 (autocast off), as official."""
+        for tokens, flag in ((face_global, "use_global_face"), (face_hf, "use_hf_adapter")):
+            if tokens is not None and not getattr(self.cfg, flag):
+                raise ValueError(f"face tokens given, but the model was built with {flag}=False")
+        B, T, _ = text.shape
+        mask = torch.arange(T, device=text.device) < text_lens.to(text.device)[:, None]  # (B, T) key padding
+        with torch.autocast(text.device.type, enabled=False):
+            t = self.text_norm(text)  # (B, T, Ct)
+            # The pooled cond stays text-only: it is the sos token and drives every AdaLN and the head, all pretrained
+            # on text alone; face tokens there would shift the modulation of every block. HEAR injects identity only
+            # through the cross-attentions (Eq. 3-7).
+            cond = self.text_proj_for_sos(t, mask)  # (B, C)
+            kv, kv_mask = t, mask
+            if face_global is not None:
+                # Eq. (3) [HEAR]: f = Concat(t, v_g) W_g. v_g is projected into the text width and normalised like
+                # the text; W_g is the pretrained text_proj_for_ca. The face rows follow the padded text block; with
+                # the key mask this equals per-sample [len_b text rows, N_g face rows] (attention ignores key order).
+                v_g = self.text_norm(self.face_global_proj(face_global.float()))  # (B, N_g, Ct)
+                kv = torch.cat((t, v_g), dim=1)  # (B, T + N_g, Ct)
+                kv_mask = torch.cat((mask, mask.new_ones(B, v_g.shape[1])), dim=1)
+            kv = self.text_proj_for_ca(kv)  # (B, T', C)
+            hf = None if face_hf is None else self.face_hf_proj(face_hf.float())  # Eq. (5): v_hf = v[FT:] W_hf
+            gss = self.shared_ada_lin(cond).view(B, 1, 6, -1)  # (B, 1, 6, C)
+        return Condition(cond, gss, kv, kv_mask, hf, id_scale)
+
+    def block_causal_mask(self, schedule, device):
+        """Training mask: a token sees every token of its own and earlier scales [VAR]. FlexAttention BlockMask on
+        CUDA (fully masked tiles are skipped), else an (L, L) bool tensor for SDPA (True = attend)."""
+        sizes = torch.tensor([h * w for h, w in schedule], device=device)
+        scale_id = torch.repeat_interleave(torch.arange(len(schedule), device=device), sizes)  # (L,)
+        use_flex = self.attn_backend == "flex" or (self.attn_backend == "auto" and device.type == "cuda")
+        if not use_flex or create_block_mask is None:
+            return scale_id[:, None] >= scale_id[None, :]  # (L, L)
+        key = (tuple(map(tuple, schedule)), str(device))
+        if key not in self._block_masks:
+            L = len(scale_id)
+            self._block_masks[key] = create_block_mask(lambda b, h, q, k: scale_id[q] >= scale_id[k], None, None, L, L,
+                                                       device=device)
+        return self._block_masks[key]
+
+    def get_logits(self, x, cond):
+        """x (B, l, C), cond (B, C) -> bit logits (B, l, 2d), in fp32 (autocast off, as official)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(self.head_nm(x.float(), cond.float()))
+
+    # ----- training forward
+
+    def forward(self, text, text_lens, x_BLC_wo_prefix, schedule, rope_grid, face_global=None, face_hf=None,
+                id_scale=1.0, drop_cond=None):
+        """Teacher-forced logits, Eq. (8) [HEAR] with the block-causal mask. text (B, T, Ct) zero-padded, text_lens
+        (B,), x_BLC_wo_prefix (B, L - 1, d) = inputs of scales 2..K (trilinear-downsampled cumulative codes),
+        schedule [(h, w), ...], rope_grid (rows, cols), drop_cond (B,) bool for CFG dropout -> logits (B, L, 2d)."""
+        L = token_offsets(schedule)[-1]
+        if x_BLC_wo_prefix.shape[1] != L - 1:
+            raise ValueError(f"x_BLC_wo_prefix has {x_BLC_wo_prefix.shape[1]} tokens; the schedule needs L-1 = {L - 1}")
+        if drop_cond is not None:
+            text, face_global, face_hf = self.drop_condition(text, drop_cond, face_global, face_hf)
+        c = self.encode_condition(text, text_lens, face_global, face_hf, id_scale)
+        x = torch.cat((c.cond[:, None] + self.pos_start, self.word_embed(x_BLC_wo_prefix)), dim=1)  # (B, L, C)
+        sizes = torch.tensor([h * w for h, w in schedule], device=x.device)
+        x = x + self.lvl_embed(torch.repeat_interleave(torch.arange(len(schedule), device=x.device), sizes))
+        rope = tuple(t.to(x.device) for t in rope_2d_table(schedule, rope_grid, self.blocks[0].sa.head_dim))
+        mask = self.block_causal_mask(schedule, x.device)
+        for block in self.blocks:
+            if self.cfg.grad_checkpointing and self.training:
+                x = checkpoint(block, x, c, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, c, rope, mask)
+        return self.get_logits(x, c.cond)  # (B, L, 2d)
+
+    # ----- sampling
+
+    @torch.no_grad()
+    def generate(self, text, text_lens, schedule, rope_grid, cfg=3.0, tau=1.0, top_k=900, top_p=0.97,
+                 generator=None, negative_text=None, negative_lens=None, face_global=None, face_hf=None, id_scale=1.0,
+                 given_bits=None, return_logits=False, return_per_scale=False):
+        """KV-cached next-scale sampling with CFG on the logits, as the official autoregressive_infer_cfg.
+        cfg, tau: scalars or per-scale lists. given_bits: per-scale (B, h, w, d) bits that replace the sampled ones
+        for the first len(given_bits) scales (teacher leak; the sampler still draws, so the RNG stream is unchanged).
+        Returns a dict: latent (B, d, H, W) summed codes for the VAE decoder, bits [(B, h, w, d) int64 per scale],
+        and with the flags logits (B, L, 2d) (the sampler input: after CFG and 1/tau) and per_scale [(B, d, H, W)]
+        running sums after each scale (the Fig. 8 strip)."""
+        B, K, d = text.shape[0], len(schedule), self.cfg.codebook_dim
+        cfgs = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg] * K
+        taus = list(tau) if isinstance(tau, (list, tuple)) else [tau] * K
+        if len(cfgs) != K or len(taus) != K:
+            raise ValueError(f"cfg and tau lists need one value per scale ({K})")
+        if (text_lens < 1).any():
+            raise ValueError("every caption needs at least one token (text_lens >= 1)")
+        lens, double = text_lens, any(s != 1 for s in cfgs)
+        if double:
+            # CFG batch [cond; uncond] in one forward of 2B rows. Uncond = the learned null caption cfg_uncond[:len_b]
+            # with the positive caption's own lengths (official) or the negative prompt, and zero face tokens: the
+            # null condition that drop_condition() trains.
+            if negative_text is None:
+                negative_text, negative_lens = self.null_text(text.shape[1]).expand(B, -1, -1), text_lens
+            elif negative_lens is None:
+                raise ValueError("negative_text needs negative_lens")
+            T = max(text.shape[1], negative_text.shape[1])  # both padded with zero rows to T tokens
+            text = torch.cat([F.pad(t.to(text), (0, 0, 0, T - t.shape[1])) for t in (text, negative_text)])  # (2B,T,Ct)
+            lens = torch.cat((text_lens, negative_lens.to(text_lens)))
+            face_global = None if face_global is None else torch.cat((face_global, torch.zeros_like(face_global)))
+            face_hf = None if face_hf is None else torch.cat((face_hf, torch.zeros_like(face_hf)))
+        c = self.encode_condition(text, lens, face_global, face_hf, id_scale)
+        cos, sin = (t.to(text.device) for t in rope_2d_table(schedule, rope_grid, self.blocks[0].sa.head_dim))
+        offsets, (H, W) = token_offsets(schedule), schedule[-1]
+        x = c.cond[:, None] + self.pos_start  # (B', 1, C) the sos token is scale 1's input
+        caches = [{} for _ in self.blocks]
+        summed = torch.zeros(B, d, H, W, device=text.device)
+        out = {"bits": [], "logits": [], "per_scale": []}
+        for k, (h, w) in enumerate(schedule):
+            x = x + self.lvl_embed.weight[k]
+            # RoPE of this scale's tokens: always sliced at the scale's token offset (the official unfused path drops
+            # that offset during KV-cached inference; a known bug not copied here)
+            rope = (cos[offsets[k]:offsets[k + 1]], sin[offsets[k]:offsets[k + 1]])
+            for block, cache in zip(self.blocks, caches):
+                x = block(x, c, rope, None, cache)  # no mask: the cache holds exactly the visible keys
+            logits = self.get_logits(x, c.cond).mul(1 / taus[k])  # (B', l, 2d)
+            if double:  # CFG on logits: cfg * l_c / tau + (1 - cfg) * l_u / tau
+                logits = cfgs[k] * logits[:B] + (1 - cfgs[k]) * logits[B:] if cfgs[k] != 1 else logits[:B]
+            bits = sample_bits(logits.reshape(B, h * w * d, 2), top_k, top_p, generator).view(B, h, w, d)
+            if given_bits is not None and k < len(given_bits):
+                bits = given_bits[k].to(bits)
+            # (B, d, h, w) = +-1/sqrt(d); kept as the channels-last view the official code interpolates, because
+            # the CPU trilinear kernel rounds differently for contiguous input (1 ulp)
+            codes = bits_to_codes(bits).permute(0, 3, 1, 2)
+            summed = summed + resize(codes, (H, W), "trilinear")  # (B, d, H, W)
+            out["bits"].append(bits)
+            out["logits"].append(logits)
+            out["per_scale"].append(summed)
+            if k + 1 < K:  # next input: the running sum, trilinear-downsampled to the next size, then word_embed
+                nxt = resize(summed, schedule[k + 1], "trilinear")  # (B, d, h', w')
+                x = self.word_embed(nxt.flatten(2).transpose(1, 2))  # (B, l', C)
+                x = x.repeat(2, 1, 1) if double else x
+        result = {"latent": summed, "bits": out["bits"]}
+        if return_logits:
+            result["logits"] = torch.cat(out["logits"], dim=1)  # (B, L, 2d)
+        if return_per_scale:
+            result["per_scale"] = out["per_scale"]
+        return result
+
+
+# -----------------------------------------------------------------------------
+# Official Infinity weights
+
+
+class CheckpointMismatchError(ValueError):
+    """The weights do not fit the model (missing / unexpected keys, wrong shapes); the message is one line."""
+
+
+def _short(names, n=4):
+    return ", ".join(names[:n]) + (f", ... (+{len(names) - n})" if len(names) > n else "")
+
+
+def _read_state_dict(path_or_state_dict):
+    """A state_dict from a dict, a .safetensors file, or a torch.load(weights_only=True) file."""
+    if isinstance(path_or_state_dict, dict):
+        sd = dict(path_or_state_dict)
+    else:
+        path = os.fspath(path_or_state_dict)
+        if not os.path.isfile(path):
+            raise CheckpointMismatchError(f"load_infinity: no such file: {path}")
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(sd.get("model"), dict):  # our own training checkpoints wrap the state_dict
+        sd = sd["model"]
+    return sd
+
+
+def load_infinity(path_or_state_dict, **hear_overrides):
+    """Build a HEARTransformer from official Infinity weights (or our own checkpoints) and load them strictly.
+    Every size is inferred from the tensors; `hear_overrides` sets ModelConfig fields (use_global_face, hf_face_dim,
+    drop_path_rate, ...). Returns (model in fp32 on CPU, eval mode; report dict with `loaded`, `newly_initialized`,
+    `ignored`, `config`). Raises CheckpointMismatchError (a ValueError) with one line on any mismatch."""
+    sd = _read_state_dict(path_or_state_dict)
+    chunk = [re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k) for k in sd]
+    per_chunk = 1 + max((int(m[2]) for m in chunk if m), default=0)  # official: block_chunks.{c}.module.{m}
+    sd = {re.sub(r"^block_chunks\.(\d+)\.module\.(\d+)\.", lambda m: f"blocks.{int(m[1]) * per_chunk + int(m[2])}.",
+                 k): v for k, v in sd.items()}
+    # zero_k_bias: official always-zero K-bias buffers; we add no K bias, so they must be zero
+    ignored = sorted(k for k in sd if k.endswith("zero_k_bias"))
+    if any(not sd[k].is_meta and sd[k].any() for k in ignored):  # (meta tensors: a key/shape check only)
+        raise CheckpointMismatchError(f"load_infinity: non-zero zero_k_bias buffers ({_short(ignored)}); "
+                                      "this is not an Infinity checkpoint this code can represent")
+    sd = {k: v for k, v in sd.items() if not k.endswith("zero_k_bias")}
+    need = ["word_embed.weight", "text_norm.weight", "cfg_uncond", "lvl_embed.weight", "blocks.0.sa.scale_mul_1H11",
+            "blocks.0.ffn.fc1.weight"]
+    if [k for k in need if k not in sd]:
+        raise CheckpointMismatchError(
+            f"load_infinity: cannot infer the model sizes, missing {_short([k for k in need if k not in sd])}; pass an "
+            "official Infinity transformer state_dict (e.g. infinity_2b_reg.pth), not a VAE or a training checkpoint")
+    C, d = sd["word_embed.weight"].shape
+    sizes = dict(depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), embed_dim=C,
+                 num_heads=sd["blocks.0.sa.scale_mul_1H11"].shape[1], codebook_dim=d,
+                 mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / C, text_channels=sd["text_norm.weight"].shape[0],
+                 text_maxlen=sd["cfg_uncond"].shape[0], num_levels=sd["lvl_embed.weight"].shape[0])
+    if "face_global_proj.weight" in sd:  # our own HEAR checkpoints carry the HEAR parameters
+        sizes.update(use_global_face=True, global_face_dim=sd["face_global_proj.weight"].shape[1])
+    if "face_hf_proj.weight" in sd:
+        sizes.update(use_hf_adapter=True, hf_face_dim=sd["face_hf_proj.weight"].shape[1])
+    cfg = ModelConfig(**{**sizes, **hear_overrides})
+    with torch.device("meta"):  # no memory, no init: every tensor comes from `sd` or is initialised below
+        model = HEARTransformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    new = [k for k in expected if k not in sd and any(m in k for m in HEAR_PARAM_MARKERS)]
+    missing = [k for k in expected if k not in sd and k not in new]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {list(v.shape)} vs {list(expected[k])}" for k, v in sd.items()
+             if k in expected and v.shape != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {name}: {_short(v)}" for name, v in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape (checkpoint vs model)", wrong)) if v]
+        raise CheckpointMismatchError("load_infinity: weights do not match the inferred model (" + "; ".join(parts) +
+                                      "); pass an unmodified official Infinity transformer state_dict, with HEAR "
+                                      "options (use_global_face, use_hf_adapter, ...) matching its HEAR keys")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=True)
+    for name in new:  # the HEAR-only parameters are still on the meta device: allocate and initialise them
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, p := nn.Parameter(torch.empty(expected[name])))
+        nn.init.trunc_normal_(p, std=(3 * cfg.embed_dim) ** -0.5) if name.endswith("weight") else nn.init.zeros_(p)
+    if any(".mat_kv_hf." in k for k in new):
+        model.init_hf_adapter_from_backbone()  # W'_K, W'_V = copies of the loaded W_K, W_V (Eq. 6)
+    report = dict(loaded=sorted(sd), newly_initialized=new, ignored=ignored, config=asdict(cfg))
+    return model.eval(), report
