@@ -319,8 +319,10 @@ def face_tokens(face_encoder, crops, schedule, hf_first_scale):
     Returns v (B, L_face, d) = per-scale codes concatenated low -> high frequency, v_global = v[:, :FT] (the global
     face tokens of the synthfaces preset) and v_hf = v[:, FT:] (Eq. 5, before W_hf which lives in model.py)."""
     features = face_encoder.encode(crops)  # (B, d, h, w)
-    codes = face_encoder.quantize(features, schedule)["codes"]  # K x (B, d, h_k, w_k)
-    v = tok.codes_to_sequence(codes)  # (B, L_face, d)
+    bits = face_encoder.quantize(features, schedule)["bits"]  # K x (B, h_k, w_k, d)
+    # tokens from the bits (exact +-1/sqrt(d) values, as decoding sees them), not the straight-through forward value,
+    # whose last ulp depends on the batch the crop was encoded in
+    v = torch.cat([tok.bits_to_codes(b).flatten(1, 2) for b in bits], dim=1)  # (B, L_face, d)
     ft = hf_split(schedule, hf_first_scale)
     return v, v[:, :ft], v[:, ft:]
 

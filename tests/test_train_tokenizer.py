@@ -1,0 +1,65 @@
+"""train_tokenizer.py: a tiny run end to end, resume == uninterrupted, the face-loss mode, bad input."""
+
+import os
+
+import pytest
+import torch
+
+import face_encoder as fe
+import train_tokenizer as tt
+from common import UserError, load_checkpoint, parse_config
+
+
+def run(argv):
+    cfg = parse_config(tt.Config, tt.PRESETS, argv)
+    tt.main(cfg)
+    return cfg
+
+
+def test_tiny_run_writes_config_log_ckpt_and_metrics(tiny_manifest, tmp_path):
+    out = str(tmp_path / "tok")
+    run(["--preset=tiny", f"--data_dir={tiny_manifest}", f"--out_dir={out}", "--device=cpu"])
+    assert {"config.json", "log.txt", "ckpt.pt", "recon.png"} <= set(os.listdir(out))
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))  # weights_only=True
+    assert ckpt["step"] == 4 and {"mse", "psnr", "ssim", "face_psnr"} <= set(ckpt["metrics"])
+    assert "active loss terms ['l1', 'l2', 'vq']" in open(os.path.join(out, "log.txt")).read()
+
+
+def test_resume_equals_uninterrupted(tiny_manifest, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--preset=tiny", f"--data_dir={tiny_manifest}", "--device=cpu", "--max_iters=4", "--eval_interval=100"]
+    run(common + [f"--out_dir={a}"])
+    run(common + [f"--out_dir={b}", "--max_iters=2"])  # stops at 2 (final eval + checkpoint)
+    run(common + [f"--out_dir={b}", "--init_from=resume"])
+    wa, wb = load_checkpoint(os.path.join(a, "ckpt.pt"))["model"], load_checkpoint(os.path.join(b, "ckpt.pt"))["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_loss_goes_down_on_tiny_data(tiny_manifest, tmp_path):
+    out = str(tmp_path / "o")
+    run(["--preset=tiny", f"--data_dir={tiny_manifest}", f"--out_dir={out}", "--device=cpu", "--max_iters=60",
+         "--eval_interval=1000", "--log_interval=10", "--learning_rate=3e-3", "--warmup_iters=5"])
+    losses = [float(line.split("loss ")[1].split(" ")[0]) for line in open(os.path.join(out, "log.txt"))
+              if "| loss " in line]
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_face_mode_uses_mask_and_identity_network(tiny_manifest, tmp_path):
+    torch.save(fe.IResNet(layers=(1, 1, 1, 1), width=8, emb_dim=16, input_size=16).state_dict(), tmp_path / "id.pth")
+    base = str(tmp_path / "base")
+    run(["--preset=tiny", f"--data_dir={tiny_manifest}", f"--out_dir={base}", "--device=cpu"])
+    face = str(tmp_path / "face")
+    run(["--preset=tiny", f"--data_dir={tiny_manifest}", f"--out_dir={face}", "--device=cpu", "--face_loss=True",
+         f"--init_from={base}/ckpt.pt", "--id_weight=0.1", f"--id_net={tmp_path}/id.pth"])
+    text = open(os.path.join(face, "log.txt")).read()
+    assert "active loss terms ['l1', 'l2', 'vq', 'id'] (alpha 2.0)" in text and "id " in text
+    # the generation tokenizer's checkpoint is untouched by the face fine-tune
+    assert load_checkpoint(os.path.join(base, "ckpt.pt"))["step"] == 4
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, tiny_manifest):
+    with pytest.raises(UserError, match="manifest .* not found"):
+        run(["--preset=tiny", f"--data_dir={tmp_path}/nowhere", f"--out_dir={tmp_path}/x", "--device=cpu"])
+    with pytest.raises(UserError, match="dino_path"):
+        run(["--preset=tiny", f"--data_dir={tiny_manifest}", f"--out_dir={tmp_path}/y", "--device=cpu",
+             "--clip_weight=0.1"])

@@ -1,0 +1,245 @@
+"""
+Train the BSQ-VAE tokenizer, or fine-tune a copy of it into HEAR's high-frequency face encoder (paper section 3.2).
+
+  from scratch (CPU, synthfaces):  python train_tokenizer.py --preset=synthfaces
+  face encoder (Eq. 1-2):          python train_tokenizer.py --preset=synthfaces_face
+  official VAE -> face encoder:    torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset=infinity_face \
+                                     --init_from=infinity:weights/infinity_vae_d32reg.pth --data_dir=data/faces
+  resume any run:                  python train_tokenizer.py --preset=... --init_from=resume
+
+Both modes share one loss (face_encoder.CompositeLoss): from scratch it is L1 + L2 + VQ (+ LPIPS) on the whole
+image; with --face_loss=True the pixel terms are weighted by the face mask (Eq. 2) and the DINOv2-alignment and
+identity terms join (Eq. 1). The generation tokenizer is never overwritten: the face encoder has its own out_dir.
+"""
+
+import dataclasses
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import face_encoder as fe
+import tokenizer as tok
+from common import (UserError, autocast, cli, load_checkpoint, log, rng_state, run_info, save_checkpoint,
+                    save_config, set_rng_state, setup_device)
+from eval import reconstruction_metrics, summarize
+from train import epoch_batches, load_example, read_manifest
+
+
+@dataclasses.dataclass
+class Config:
+    preset: str = "synthfaces"  # preset name (recorded in the checkpoint)
+    data_dir: str = "data/synthfaces/out"  # folder (or file) of the JSONL manifest, see train.py
+    out_dir: str = "out/tokenizer"  # checkpoints, config.json, log.txt, recon grid
+    init_from: str = "scratch"  # scratch | resume | <our ckpt.pt> (weights only) | infinity:<official vae .pth>
+    # model (ignored when weights are loaded: the architecture comes from the checkpoint)
+    base_ch: int = 32  # channels of the first level
+    ch_mult: tuple = (1, 2, 2, 4)  # channel multiplier per level
+    num_res_blocks: int = 1  # ResnetBlocks per encoder level
+    codebook_dim: int = 32  # d bits per token
+    patch_size: int = 8  # pixels per latent token side
+    image_size: int = 64  # training/eval resolution (square)
+    # optimisation
+    batch_size: int = 32  # global batch (split over DDP ranks)
+    max_iters: int = 1500  # optimizer steps
+    learning_rate: float = 1e-3  # AdamW peak lr
+    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
+    warmup_iters: int = 50  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # global grad-norm clip (0 = off)
+    # Eq. (1) weights (a weight of 0 turns a term off)
+    l1_weight: float = 0.2  # lambda_L1
+    l2_weight: float = 1.0  # lambda_L2
+    vq_weight: float = 1.0  # lambda_VQ (commitment + entropy regularisers of BSQ)
+    lpips_weight: float = 0.0  # lambda_lpips (needs torchvision VGG16 weights in the torch cache)
+    clip_weight: float = 0.0  # lambda_clip: DINOv2 patch-feature alignment (needs dino_path)
+    id_weight: float = 0.0  # lambda_adaface: identity loss (needs id_net)
+    commit_weight: float = 0.25  # inside L_VQ: commitment weight
+    entropy_weight: float = 0.1  # inside L_VQ: entropy-penalty weight
+    # face encoder (Eq. 2)
+    face_loss: bool = False  # weight pixel losses by the face mask; turn on the face-encoder mode
+    face_alpha: float = 2.0  # alpha of Eq. (2) inside the face box
+    dino_path: str = ""  # local folder of a transformers Dinov2Model (e.g. dinov2-base), for clip_weight
+    id_net: str = ""  # "judge" (synthfaces judge's loss network) or an IResNet/AdaFace checkpoint path
+    # runtime
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always fp32)
+    compile: bool = False  # torch.compile the VAE
+    seed: int = 0  # data order and init
+    log_interval: int = 50  # steps between log lines
+    eval_interval: int = 500  # steps between held-out evaluations + checkpoints
+    eval_images: int = 256  # held-out images used for PSNR/SSIM
+
+
+PRESETS = {
+    "synthfaces": {},
+    "synthfaces_face": {"out_dir": "out/face_encoder", "init_from": "out/tokenizer/ckpt.pt", "face_loss": True,
+                        "id_weight": 0.1, "id_net": "judge", "max_iters": 400, "learning_rate": 3e-4,
+                        "warmup_iters": 20, "eval_interval": 200},
+    "infinity_face": {"out_dir": "out/face_encoder_2b", "init_from": "infinity:weights/infinity_vae_d32reg.pth",
+                      "image_size": 256, "batch_size": 64, "max_iters": 20000, "learning_rate": 1e-5,
+                      "face_loss": True, "lpips_weight": 0.5, "clip_weight": 0.1, "id_weight": 0.1,
+                      "dino_path": "weights/dinov2-base", "id_net": "weights/adaface_ir101_webface12m.ckpt",
+                      "compile": True, "eval_interval": 2000, "log_interval": 100},
+    "tiny": {"base_ch": 32, "ch_mult": (1, 1), "patch_size": 2, "image_size": 16, "batch_size": 4, "max_iters": 4,
+             "eval_interval": 2, "log_interval": 1, "eval_images": 4, "warmup_iters": 1},
+}
+
+
+def build_tokenizer(cfg):
+    """-> (vae, state of a resumed run or None)."""
+    if cfg.init_from == "scratch":
+        arch = tok.TokenizerConfig(cfg.base_ch, cfg.ch_mult, cfg.num_res_blocks, cfg.codebook_dim, cfg.patch_size)
+        return tok.BSQVAE(arch), None
+    if cfg.init_from.startswith("infinity:"):
+        return tok.load_infinity_vae(cfg.init_from.split(":", 1)[1]), None
+    path = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.init_from == "resume" else cfg.init_from
+    ckpt = load_checkpoint(path)
+    if "tokenizer_config" not in ckpt:
+        raise UserError(f"{path} is not a tokenizer checkpoint of train_tokenizer.py (no tokenizer_config)")
+    vae = tok.BSQVAE(tok.TokenizerConfig(**ckpt["tokenizer_config"]))
+    vae.load_state_dict(ckpt["model"])
+    return vae, (ckpt if cfg.init_from == "resume" else None)
+
+
+def build_id_net(cfg, device):
+    """The frozen recognizer of the identity loss: the synthfaces judge's loss network, or an IResNet/AdaFace."""
+    if cfg.id_net == "judge":
+        from data.synthfaces.judge import load_judge
+
+        path = os.path.join(cfg.data_dir, "judge.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"{path} not found; train it with python data/synthfaces/judge.py")
+        return load_judge(path, device).identity_loss_net()
+    return fe.load_iresnet(cfg.id_net)
+
+
+def build_loss(cfg, vae, device):
+    """Eq. (1) with the networks each active term needs; terms whose network is unavailable stop with an error."""
+    weights = {"l1": cfg.l1_weight, "l2": cfg.l2_weight, "vq": cfg.vq_weight, "lpips": cfg.lpips_weight,
+               "clip": cfg.clip_weight, "id": cfg.id_weight}
+    lpips_net = fe.make_lpips() if cfg.lpips_weight > 0 else None
+    dino = None
+    if cfg.clip_weight > 0:
+        from transformers import Dinov2Model
+
+        if not os.path.isdir(cfg.dino_path):
+            raise UserError(f"--dino_path={cfg.dino_path!r} is not a local Dinov2Model folder (or set --clip_weight=0)")
+        dino = fe.DinoAlign(Dinov2Model.from_pretrained(cfg.dino_path, local_files_only=True), vae.cfg.codebook_dim)
+    id_net = build_id_net(cfg, device) if cfg.id_weight > 0 else None
+    alpha = cfg.face_alpha if cfg.face_loss else 1.0  # Eq. (2) only in face-encoder mode
+    return fe.CompositeLoss(weights, lpips_net, dino, id_net, alpha=alpha).to(device)
+
+
+def evaluate(vae, records, cfg, device, schedule, grid_path=None):
+    """Held-out Table 2 metrics (MSE 0-255, PSNR, SSIM, face-region PSNR); optional originals/recons grid PNG."""
+    vae.eval()
+    per_image = {}
+    with torch.no_grad():
+        for i in range(0, len(records), 64):
+            batch = [load_example(r, (cfg.image_size, cfg.image_size)) for r in records[i: i + 64]]
+            x, boxes = torch.stack([b[0] for b in batch]).to(device), torch.stack([b[1] for b in batch])
+            recon = vae.decode(vae.quantize(vae.encode(x), schedule)["z"])
+            for k, v in reconstruction_metrics(recon.float().cpu(), x.cpu(), boxes).items():
+                per_image.setdefault(k, []).append(v)
+            if grid_path and i == 0:
+                import torchvision
+
+                n = min(8, len(x))
+                torchvision.utils.save_image(torch.cat([x[:n], recon[:n]]).add(1).div(2), grid_path, nrow=n)
+    vae.train()
+    return summarize(per_image)
+
+
+def main(cfg):
+    dist = setup_device(cfg.device)
+    device = dist.device
+    torch.manual_seed(cfg.seed + dist.rank)
+    if dist.master:
+        log(save_config(cfg, cfg.out_dir), cfg.out_dir)
+        log(run_info(device), cfg.out_dir)
+    train_recs = read_manifest(cfg.data_dir, "train")
+    test_recs = read_manifest(cfg.data_dir, "test")[: cfg.eval_images]
+    vae, resumed = build_tokenizer(cfg)
+    vae = vae.to(device).train()
+    latent = cfg.image_size // vae.cfg.patch_size
+    schedule = tok.small_schedule(latent, latent)
+    loss_fn = build_loss(cfg, vae, device)
+    log(f"tokenizer {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, schedule {schedule}, "
+        f"active loss terms {loss_fn.active()} (alpha {loss_fn.alpha})", cfg.out_dir, dist.master)
+    params = [p for p in list(vae.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    step = 0
+    if resumed is not None:
+        opt.load_state_dict(resumed["optimizer"])
+        loss_fn.load_state_dict(resumed["loss"], strict=False)
+        set_rng_state(resumed["rng"])
+        step = resumed["step"]
+        log(f"resumed from step {step}", cfg.out_dir, dist.master)
+    if cfg.compile:  # in place, so state_dict keys stay unprefixed
+        vae.encoder.compile()
+        vae.decoder.compile()
+
+    def lr_at(it):  # linear warmup, then cosine to min_lr_ratio
+        if it < cfg.warmup_iters:
+            return cfg.learning_rate * (it + 1) / cfg.warmup_iters
+        t = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+        return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def save(metrics=None):
+        if dist.master:
+            save_checkpoint({"model": vae.state_dict(), "optimizer": opt.state_dict(), "loss": loss_fn.state_dict(),
+                             "tokenizer_config": dataclasses.asdict(vae.cfg), "config": dataclasses.asdict(cfg),
+                             "step": step, "rng": rng_state(), "metrics": metrics or {}},
+                            os.path.join(cfg.out_dir, "ckpt.pt"))
+
+    size = (cfg.image_size, cfg.image_size)
+    t0, bar = time.time(), tqdm(total=cfg.max_iters, initial=step, disable=not dist.master, desc="tokenizer")
+    per_epoch, epoch, batches = len(epoch_batches(len(train_recs), cfg.batch_size, 0, cfg.seed)), -1, None
+    share = cfg.batch_size // dist.world_size
+    while step < cfg.max_iters:
+        if step // per_epoch != epoch:  # the data position is the step itself, so resume is exact
+            epoch = step // per_epoch
+            batches = epoch_batches(len(train_recs), cfg.batch_size, epoch, cfg.seed)
+        idx = batches[step % per_epoch][dist.rank * share: (dist.rank + 1) * share]
+        examples = [load_example(train_recs[i], size) for i in idx]
+        x, boxes = torch.stack([e[0] for e in examples]).to(device), torch.stack([e[1] for e in examples])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        with autocast(device, cfg.dtype):
+            features = vae.encode(x)  # (B, d, h, w)
+            q = vae.quantize(features, schedule)
+            recon = vae.decode(q["z"], clamp=False)
+        aux = tok.bsq_aux_loss(q["inputs"], commit_weight=cfg.commit_weight, entropy_weight=cfg.entropy_weight)
+        loss, terms = loss_fn(recon.float(), x, boxes, aux["aux"], features)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if dist.world_size > 1:  # data parallel: average gradients over ranks (one all-reduce per tensor)
+            for p in params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            dt = time.time() - t0
+            parts = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
+            log(f"step {step}/{cfg.max_iters} | loss {loss.item():.4f} | {parts} | lr {lr_at(step - 1):.2e} | "
+                f"{cfg.log_interval * cfg.batch_size / dt:.1f} img/s", cfg.out_dir, dist.master)
+            t0 = time.time()
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            metrics = evaluate(vae, test_recs, cfg, device, schedule, os.path.join(cfg.out_dir, "recon.png"))
+            log("eval (held-out identities) | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                cfg.out_dir, dist.master)
+            save(metrics)
+    bar.close()
+    if dist.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli(main, Config, PRESETS)
