@@ -1,12 +1,35 @@
 """
-Evaluation: tokenizer reconstruction (paper Table 2/4: MSE on the 0-255 scale, SSIM, PSNR; plus face-region PSNR),
-and HEAR generation on held-out identities (Table 1/3 style: FaceSim, identity retrieval, prompt adherence).
+Evaluation of tokenizers on held-out identities (paper Table 2/4: MSE on the 0-255 scale, SSIM, PSNR, and the
+PSNR inside the face box, where the face encoder should win).
 
-  python eval.py --preset=synthfaces --ckpt=out/hear/ckpt.pt
+  python eval.py --ckpts=out/tokenizer/ckpt.pt,out/face_encoder/ckpt.pt
+  python eval.py --ckpts=infinity:weights/infinity_vae_d32reg.pth --data_dir=data/faces --image_size=256
+
+Prints a markdown table, one row per checkpoint (and writes it to --out when set).
 """
+
+import dataclasses
+import os
 
 import numpy as np
 import torch
+
+from common import cli, log, run_info, setup_device
+
+
+@dataclasses.dataclass
+class Config:
+    preset: str = "synthfaces"  # preset name
+    ckpts: str = "out/tokenizer/ckpt.pt,out/face_encoder/ckpt.pt"  # comma-separated tokenizer checkpoints
+    names: str = ""  # optional comma-separated row names (default: the checkpoint paths)
+    data_dir: str = "data/synthfaces/out"  # manifest folder; the "test" split (held-out identities) is used
+    image_size: int = 64  # evaluation resolution (square)
+    max_images: int = 400  # held-out images evaluated
+    device: str = "auto"  # auto | cpu | cuda
+    out: str = ""  # optional markdown file for the table
+
+
+PRESETS = {"synthfaces": {}}
 
 # -----------------------------------------------------------------------------
 # Table 2 metrics (images in [-1, 1], compared on the 0-255 scale as the paper reports them)
@@ -60,3 +83,39 @@ def summarize(per_image):
 def np_images(x):
     """(B, 3, H, W) in [-1, 1] -> list of (H, W, 3) uint8 arrays."""
     return list(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8))
+
+
+def main(cfg):
+    import tokenizer as tok
+    from train import load_example, load_tokenizer, read_manifest
+
+    device = setup_device(cfg.device).device
+    log(run_info(device))
+    records = read_manifest(cfg.data_dir, "test")[: cfg.max_images]
+    paths = [p for p in cfg.ckpts.split(",") if p]
+    names = cfg.names.split(",") if cfg.names else paths
+    rows = ["| tokenizer | MSE (0-255) | SSIM | PSNR (dB) | face PSNR (dB) |", "|---|---|---|---|---|"]
+    for name, path in zip(names, paths, strict=True):
+        vae = load_tokenizer(path)[0].to(device)
+        side = cfg.image_size // vae.cfg.patch_size
+        schedule, per_image = tok.small_schedule(side, side), {}
+        with torch.no_grad():
+            for i in range(0, len(records), 50):
+                ex = [load_example(r, (cfg.image_size, cfg.image_size)) for r in records[i: i + 50]]
+                x, boxes = torch.stack([e[0] for e in ex]).to(device), torch.stack([e[1] for e in ex])
+                recon = vae.decode(vae.quantize(vae.encode(x), schedule)["z"]).float().cpu()
+                for k, v in reconstruction_metrics(recon, x.cpu(), boxes).items():
+                    per_image.setdefault(k, []).append(v)
+        m = summarize(per_image)
+        rows.append(f"| {name} | {m['mse']:.2f} | {m['ssim']:.4f} | {m['psnr']:.2f} | {m['face_psnr']:.2f} |")
+    table = "\n".join(rows)
+    log(f"held-out identities: {len(records)} images of {cfg.data_dir}\n{table}")
+    if cfg.out:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+        with open(cfg.out, "w") as f:
+            f.write(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    cli(main, Config, PRESETS)
