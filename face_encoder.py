@@ -223,6 +223,19 @@ def load_iresnet(path):
     return net.eval().requires_grad_(False)
 
 
+class CropEmbedder(nn.Module):
+    """A recognizer (e.g. IResNet) as an identity embedder of whole images: square face crop with a margin, then
+    the network. (B, 3, H, W), boxes (B, 4) pixels -> (B, E). Differentiable w.r.t. the images."""
+
+    def __init__(self, net, margin=0.25):
+        super().__init__()
+        self.net, self.margin = net, margin
+
+    def forward(self, images, boxes):
+        size = getattr(self.net, "input_size", 112)
+        return self.net(torch.stack([square_crop(x, b, self.margin, size) for x, b in zip(images, boxes)]))
+
+
 # -----------------------------------------------------------------------------
 # Eq. (1): the composite loss of the high-frequency face encoder
 
@@ -267,11 +280,12 @@ class CompositeLoss(nn.Module):
     """Eq. (1) [HEAR]: L = l1 L1 + l2 L2 + vq L_VQ + lpips L_lpips + clip L_clip + id L_id, pixel terms weighted
     by the face mask of Eq. (2). A term with weight 0 or no network is off; `active()` names the terms in use."""
 
-    def __init__(self, weights, lpips_net=None, dino_align=None, id_net=None, alpha=2.0, crop_margin=0.25):
+    def __init__(self, weights, lpips_net=None, dino_align=None, id_net=None, alpha=2.0):
         super().__init__()
         self.weights = dict(weights)  # {"l1", "l2", "vq", "lpips", "clip", "id"} -> float
+        # id_net: (images (B, 3, H, W), boxes (B, 4)) -> (B, E) embeddings; it crops the face its own way
         self.lpips_net, self.dino_align, self.id_net = lpips_net, dino_align, id_net
-        self.alpha, self.crop_margin = alpha, crop_margin
+        self.alpha = alpha
 
     def active(self):
         nets = {"lpips": self.lpips_net, "clip": self.dino_align, "id": self.id_net}
@@ -293,13 +307,10 @@ class CompositeLoss(nn.Module):
             terms["lpips"] = self.lpips_net(recon, target).mean()
         if "clip" in active:
             terms["clip"] = self.dino_align(features, target)
-        if "id" in active:
-            size = getattr(self.id_net, "input_size", 112)
-            crops_r = torch.stack([square_crop(r, b, self.crop_margin, size) for r, b in zip(recon, boxes)])
+        if "id" in active:  # 1 - cos of a frozen recognizer's embeddings of the reconstructed and the original face
             with torch.no_grad():
-                crops_t = torch.stack([square_crop(t, b, self.crop_margin, size) for t, b in zip(target, boxes)])
-                emb_t = self.id_net(crops_t)
-            terms["id"] = (1 - F.cosine_similarity(self.id_net(crops_r), emb_t, dim=-1)).mean()
+                emb_t = self.id_net(target, boxes)
+            terms["id"] = (1 - F.cosine_similarity(self.id_net(recon, boxes), emb_t, dim=-1)).mean()
         total = sum(self.weights[k] * v for k, v in terms.items())  # Eq. (1)
         return total, terms
 

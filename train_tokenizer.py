@@ -112,8 +112,19 @@ def build_id_net(cfg, device):
         path = os.path.join(cfg.data_dir, "judge.pt")
         if not os.path.isfile(path):
             raise UserError(f"{path} not found; train it with python data/synthfaces/judge.py")
-        return load_judge(path, device).identity_loss_net()
-    return fe.load_iresnet(cfg.id_net)
+        return JudgeIdentity(load_judge(path, device))
+    return fe.CropEmbedder(fe.load_iresnet(cfg.id_net))
+
+
+class JudgeIdentity(torch.nn.Module):
+    """The synthfaces judge's loss network (never its evaluator) as the identity term, with the judge's own crop."""
+
+    def __init__(self, judge):
+        super().__init__()
+        self.judge = judge
+
+    def forward(self, images, boxes):
+        return self.judge.embed(self.judge.crop(images, boxes.to(images.device)), "loss")
 
 
 def build_loss(cfg, vae, device):

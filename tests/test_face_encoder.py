@@ -30,7 +30,7 @@ def test_composite_loss_terms_backprop_and_identity_zero():
     dino = Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                     patch_size=8, image_size=32))
     weights = {"l1": 0.2, "l2": 1.0, "vq": 1.0, "lpips": 0.5, "clip": 0.1, "id": 0.1}
-    loss = fe.CompositeLoss(weights, lpips_net=fe.make_lpips(pretrained=False), id_net=tiny_iresnet(),
+    loss = fe.CompositeLoss(weights, lpips_net=fe.make_lpips(pretrained=False), id_net=fe.CropEmbedder(tiny_iresnet()),
                             dino_align=fe.DinoAlign(dino, latent_dim=4, image_size=32))
     assert loss.active() == list(weights)
     target = torch.rand(2, 3, 32, 32) * 2 - 1
