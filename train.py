@@ -423,9 +423,9 @@ def main(cfg):
         return [None if out[0][k] is None else torch.stack([o[k] for o in out]) for k in range(3)]
 
     if cfg.cache_features:  # fill the cache once, in a fixed order, so a resumed run sees the same numbers
-        for template, idx in tqdm(buckets.items(), disable=not master, desc="caching frozen features"):
-            for i in range(0, len(idx), 64):
-                frozen_features(idx[i: i + 64], template)
+        chunks = [(t, idx[i: i + 64]) for t, idx in buckets.items() for i in range(0, len(idx), 64)]
+        for template, chunk in tqdm(chunks, disable=not master, desc="caching frozen features (64 images each)"):
+            frozen_features(chunk, template)
     per_epoch, epoch, batches = len(epoch_batches(len(records), cfg.batch_size, 0, cfg.seed, bucket_lists)), -1, None
     weights_cache, history = {}, []
     t0, tokens_seen, loss_acc, acc_acc, n_acc = time.time(), 0, 0.0, None, 0
