@@ -19,6 +19,16 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation, which stalls badly (10x and more) when the
+    2-core box is shared; restores the session setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def fixtures_dir():
     """Folder of the official-code parity fixtures (env HEAR_FIXTURES overrides)."""
     return FIXTURES

@@ -17,14 +17,7 @@ GRID = rope_grid(1.0)
 L = token_offsets(SCHEDULE)[-1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, which stalls badly (10x and more)
-    when the 2-core box is shared; restore the conftest setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def make_model(noise=0.05, **overrides):

@@ -17,14 +17,7 @@ from tokenizer import get_schedule, rope_grid, token_offsets
 TOL = 1e-4  # max abs difference allowed against the official fp32 outputs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, which stalls badly (10x and more)
-    when the 2-core box is shared; restore the conftest setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @functools.cache
