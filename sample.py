@@ -1,7 +1,7 @@
 """
 Generate a person from a face photo and a prompt with a trained HEAR checkpoint.
 
-  python sample.py --ckpt=out/hear/ckpt.pt --face=data/synthfaces/out/crops/test_0000_00.png \
+  python sample.py --ckpt=out/hear/ckpt.pt --face=data/synthfaces/out/crops/id0300_00.png \
       --prompt="a smiling person with a red hat in front of a blue wall" --num_samples=4
   real photos:  python sample.py --preset=infinity_2b --ckpt=out/hear_2b/ckpt.pt --face=me.jpg --prompt="..."
 
@@ -15,9 +15,12 @@ import os
 import torch
 
 import face_encoder as fe
+import model as hear_model
 import tokenizer as tok
-from common import UserError, cli, log, run_info
-from train import face_features, geometry, load_image, load_run
+from common import UserError, cli, load_checkpoint, log, run_info
+from train import Config as TrainConfig
+from train import (TextToBits, build_global_encoder, build_text_encoder, face_features, geometry, load_image,
+                   load_tokenizer)
 
 
 @dataclasses.dataclass
@@ -47,6 +50,25 @@ class Config:
 
 
 PRESETS = {"synthfaces": {}, "infinity_2b": {"face_detector": "insightface", "ckpt": "out/hear_2b/ckpt.pt"}}
+
+
+def load_run(path, device="cpu", use_ema=True):
+    """Everything sample.py / eval.py need from a train.py checkpoint -> dict(model, vae, face_encoder, ...)."""
+    ckpt = load_checkpoint(path)
+    if "model_config" not in ckpt or "text_encoder" not in ckpt:
+        raise UserError(f"{path} is not a train.py checkpoint")
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
+    text_enc, captions, _ = build_text_encoder(cfg, ckpt.get("caption_tokenizer"))
+    if isinstance(ckpt["text_encoder"], dict):
+        text_enc.load_state_dict(ckpt["text_encoder"])
+    hear = hear_model.HEARTransformer(hear_model.ModelConfig(**ckpt["model_config"]))
+    hear.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"])
+    vae, _ = load_tokenizer(cfg.tokenizer_ckpt)
+    face_enc, _ = load_tokenizer(cfg.face_encoder_ckpt)
+    global_enc = build_global_encoder(cfg)
+    model = TextToBits(text_enc, hear, False).to(device).eval()
+    return {"model": model, "captions": captions, "vae": vae.to(device), "face_encoder": face_enc.to(device),
+            "global_encoder": None if global_enc is None else global_enc.to(device), "cfg": cfg, "step": ckpt["step"]}
 
 
 def reference_crop(cfg, size, device):

@@ -36,15 +36,15 @@ class Config:
     init_from: str = "scratch"  # scratch | resume | <our ckpt.pt> (weights only) | infinity:<official vae .pth>
     # model (ignored when weights are loaded: the architecture comes from the checkpoint)
     base_ch: int = 32  # channels of the first level
-    ch_mult: tuple = (1, 2, 2, 4)  # channel multiplier per level
+    ch_mult: tuple = (1, 1, 2, 2)  # channel multiplier per level
     num_res_blocks: int = 1  # ResnetBlocks per encoder level
     codebook_dim: int = 32  # d bits per token
     patch_size: int = 8  # pixels per latent token side
     image_size: int = 64  # training/eval resolution (square)
     # optimisation
-    batch_size: int = 32  # global batch (split over DDP ranks)
-    max_iters: int = 1500  # optimizer steps
-    learning_rate: float = 1e-3  # AdamW peak lr
+    batch_size: int = 16  # global batch (split over DDP ranks)
+    max_iters: int = 650  # optimizer steps (the synthfaces default fits 5 CPU minutes)
+    learning_rate: float = 2e-3  # AdamW peak lr
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
     warmup_iters: int = 50  # linear warmup steps
     weight_decay: float = 0.0  # AdamW weight decay
@@ -69,7 +69,7 @@ class Config:
     compile: bool = False  # torch.compile the VAE
     seed: int = 0  # data order and init
     log_interval: int = 50  # steps between log lines
-    eval_interval: int = 500  # steps between held-out evaluations + checkpoints
+    eval_interval: int = 650  # steps between held-out evaluations + checkpoints
     eval_images: int = 256  # held-out images used for PSNR/SSIM
 
 

@@ -42,7 +42,7 @@ def test_sample_writes_grid_and_scale_strip(tiny_ckpt, tmp_path):
 
 def test_sampling_is_seeded_and_id_scale_is_a_knob(tiny_ckpt, tmp_path):
     ckpt, face = tiny_ckpt
-    loaded = train.load_run(ckpt)
+    loaded = sample.load_run(ckpt)
     crops = sample.reference_crop(parse_config(sample.Config, {}, [f"--face={face}"]), 16, "cpu").expand(2, -1, -1, -1)
     cfg = parse_config(sample.Config, {}, ["--cfg=3.0"])
 
