@@ -27,6 +27,8 @@ class Config:
     max_images: int = 400  # held-out images evaluated
     device: str = "auto"  # auto | cpu | cuda
     out: str = ""  # optional markdown file for the table
+    curves: str = ""  # instead: train.py metrics.jsonl -> loss and bit-accuracy curves PNG written to --out
+    judge: str = "data/synthfaces/out/judge.pt"  # synthfaces judge: adds identity similarity (its eval net); "" = off
 
 
 PRESETS = {"synthfaces": {}}
@@ -85,7 +87,40 @@ def np_images(x):
     return list(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8))
 
 
+def plot_curves(metrics_path, png_path, width=640, height=300):
+    """train.py metrics.jsonl -> PNG with the loss (left) and the bit accuracy per scale group (right). PIL only."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    steps = [r["step"] for r in rows]
+    series = [("loss", [[r["loss"] for r in rows]], ["black"]),
+              ("bit accuracy: coarse / mid / fine", [[r["acc"][g] for r in rows] for g in range(3)],
+               ["tab:blue", "orange", "green"])]
+    img = Image.new("RGB", (width, height), "white")
+    draw, pw = ImageDraw.Draw(img), width // 2
+    for panel, (title, ys, colours) in enumerate(series):
+        x0, y0, x1, y1 = panel * pw + 45, 25, panel * pw + pw - 10, height - 30
+        lo, hi = min(min(y) for y in ys), max(max(y) for y in ys)
+        hi = hi if hi > lo else lo + 1e-6
+        draw.rectangle([x0, y0, x1, y1], outline="gray")
+        draw.text((x0, 5), title, fill="black")
+        for v, y in ((lo, y1), (hi, y0)):
+            draw.text((panel * pw + 2, y - 6), f"{v:.3f}", fill="black")
+        draw.text((x0, y1 + 5), f"step {steps[0]}", fill="black")
+        draw.text((x1 - 70, y1 + 5), f"step {steps[-1]}", fill="black")
+        for y, colour in zip(ys, colours):
+            pts = [(x0 + (x1 - x0) * (s - steps[0]) / max(1, steps[-1] - steps[0]), y1 - (y1 - y0) * (v - lo) / (hi - lo))
+                   for s, v in zip(steps, y)]
+            draw.line(pts, fill=colour.removeprefix("tab:"), width=2)
+    img.save(png_path)
+    return png_path
+
+
 def main(cfg):
+    if cfg.curves:
+        return log(f"wrote {plot_curves(cfg.curves, cfg.out or 'curves.png')}")
     import tokenizer as tok
     from train import load_example, load_tokenizer, read_manifest
 
@@ -94,7 +129,12 @@ def main(cfg):
     records = read_manifest(cfg.data_dir, "test")[: cfg.max_images]
     paths = [p for p in cfg.ckpts.split(",") if p]
     names = cfg.names.split(",") if cfg.names else paths
-    rows = ["| tokenizer | MSE (0-255) | SSIM | PSNR (dB) | face PSNR (dB) |", "|---|---|---|---|---|"]
+    judge = None
+    if cfg.judge and os.path.isfile(cfg.judge):
+        from data.synthfaces.judge import load_judge
+
+        judge = load_judge(cfg.judge, device)
+    rows = ["| tokenizer | MSE (0-255) | SSIM | PSNR (dB) | face PSNR (dB) | ID sim |", "|---|---|---|---|---|---|"]
     for name, path in zip(names, paths, strict=True):
         vae = load_tokenizer(path)[0].to(device)
         side = cfg.image_size // vae.cfg.patch_size
@@ -106,8 +146,12 @@ def main(cfg):
                 recon = vae.decode(vae.quantize(vae.encode(x), schedule)["z"]).float().cpu()
                 for k, v in reconstruction_metrics(recon, x.cpu(), boxes).items():
                     per_image.setdefault(k, []).append(v)
+                if judge is not None:  # cosine of the judge's evaluator embeddings, reconstruction vs original face
+                    emb = [judge.embed(judge.crop(im.to(device), boxes.to(device)), "eval") for im in (recon, x)]
+                    per_image.setdefault("id_sim", []).append((emb[0] * emb[1]).sum(1).cpu())
         m = summarize(per_image)
-        rows.append(f"| {name} | {m['mse']:.2f} | {m['ssim']:.4f} | {m['psnr']:.2f} | {m['face_psnr']:.2f} |")
+        sim = f"{m['id_sim']:.4f}" if "id_sim" in m else "-"
+        rows.append(f"| {name} | {m['mse']:.2f} | {m['ssim']:.4f} | {m['psnr']:.2f} | {m['face_psnr']:.2f} | {sim} |")
     table = "\n".join(rows)
     log(f"held-out identities: {len(records)} images of {cfg.data_dir}\n{table}")
     if cfg.out:

@@ -76,8 +76,8 @@ class Config:
 PRESETS = {
     "synthfaces": {},
     "synthfaces_face": {"out_dir": "out/face_encoder", "init_from": "out/tokenizer/ckpt.pt", "face_loss": True,
-                        "id_weight": 0.1, "id_net": "judge", "max_iters": 400, "learning_rate": 3e-4,
-                        "warmup_iters": 20, "eval_interval": 200},
+                        "id_weight": 0.1, "id_net": "judge", "max_iters": 200, "learning_rate": 3e-4,
+                        "warmup_iters": 20, "eval_interval": 200, "log_interval": 50},
     "infinity_face": {"out_dir": "out/face_encoder_2b", "init_from": "infinity:weights/infinity_vae_d32reg.pth",
                       "image_size": 256, "batch_size": 64, "max_iters": 20000, "learning_rate": 1e-5,
                       "face_loss": True, "lpips_weight": 0.5, "clip_weight": 0.1, "id_weight": 0.1,

@@ -25,8 +25,23 @@ def test_metrics_match_their_definitions():
 def test_tokenizer_table(tiny_manifest, tmp_path):
     a, b = write_tokenizer_ckpt(str(tmp_path / "a.pt")), write_tokenizer_ckpt(str(tmp_path / "b.pt"), seed=3)
     cfg = parse_config(ev.Config, ev.PRESETS, [f"--ckpts={a},{b}", "--names=plain,face", f"--data_dir={tiny_manifest}",
-                                               "--image_size=16", "--device=cpu", f"--out={tmp_path}/t.md"])
+                                               "--image_size=16", "--device=cpu", f"--out={tmp_path}/t.md", "--judge="])
     table = ev.main(cfg)
     rows = table.splitlines()
     assert len(rows) == 4 and rows[2].startswith("| plain |") and rows[3].startswith("| face |")
+    assert rows[2].endswith("| - |")  # no judge given: no identity column value
     assert open(tmp_path / "t.md").read().strip() == table
+
+
+def test_training_curves_png(tmp_path):
+    import json
+
+    from PIL import Image
+
+    rows = [{"step": s, "loss": 0.7 - 0.01 * s, "acc": [0.5 + 0.01 * s, 0.5, 0.5 + 0.005 * s], "tok_s": 1.0}
+            for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = ev.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png"))
+    img = Image.open(path).convert("RGB")
+    assert img.size == (640, 300)
+    assert (0, 0, 0) in {img.getpixel((x, 150)) for x in range(60, 300)}  # the loss line crosses the left panel
