@@ -109,8 +109,22 @@ def save_config(cfg, out_dir, name="config.json"):
     return text
 
 
+def usage(main, config_cls, presets):
+    """--help: the script's docstring, then every --key=default with its comment (read from the Config source)."""
+    import inspect
+
+    lines = [sys.modules[main.__module__].__doc__ or "", f"presets: {', '.join(presets)}", "options:"]
+    for line in inspect.getsource(config_cls).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if name in {f.name for f in dataclasses.fields(config_cls)} and "=" in rest:
+            lines.append(f"  --{name}={rest.split('=', 1)[1].strip()}")
+    return "\n".join(lines)
+
+
 def cli(main, config_cls, presets):
     """Entry point shared by every script: parse argv, run main(cfg), print bad-input errors as one line."""
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        return print(usage(main, config_cls, presets))
     try:
         cfg = parse_config(config_cls, presets)
         main(cfg)

@@ -62,3 +62,14 @@ def test_checkpoint_atomic_roundtrip_and_bad_file(tmp_path):
         load_checkpoint(str(tmp_path / "junk.pt"))
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_help_lists_every_key_with_default_and_comment():
+    from common import usage
+
+    def main(cfg):
+        """unused"""
+
+    text = usage(main, Config, PRESETS)
+    assert "presets: synthfaces, tiny" in text
+    assert "  --learning_rate=1e-4  # AdamW lr" in text and "  --ch_mult=(1, 2)  # channel multipliers" in text

@@ -13,6 +13,7 @@ from PIL import Image
 from common import UserError, parse_config
 from data.synthfaces import judge as J
 from data.synthfaces import prepare as P
+from train import read_manifest
 
 
 def _prepare(out_dir, **overrides):
@@ -54,7 +55,7 @@ def test_prepare_is_deterministic(data_dir, tmp_path):
 
 def test_manifest_fields_paths_and_splits(data_dir):
     cfg = parse_config(P.Config, P.PRESETS, ["--preset=tiny"])
-    records = P.read_manifest(data_dir)
+    records = read_manifest(data_dir)
     keys = {"path", "crop_path", "identity", "split", "attributes", "caption_short", "caption_long", "face_box"}
     assert all(set(r) == keys for r in records)
     for r in records:
@@ -65,7 +66,7 @@ def test_manifest_fields_paths_and_splits(data_dir):
         assert (r["attributes"]["accessory"] == "none") == (r["attributes"]["accessory_color"] == "none")
         x0, y0, x1, y1 = r["face_box"]
         assert 0 <= x0 < x1 <= cfg.resolution and 0 <= y0 < y1 <= cfg.resolution
-    train, test = P.read_manifest(data_dir, "train"), P.read_manifest(data_dir, "test")
+    train, test = read_manifest(data_dir, "train"), read_manifest(data_dir, "test")
     train_ids, test_ids = {r["identity"] for r in train}, {r["identity"] for r in test}
     assert not train_ids & test_ids, "train and test identities must be disjoint"
     assert (len(train_ids), len(test_ids)) == (cfg.train_ids, cfg.test_ids)
@@ -79,7 +80,7 @@ def test_manifest_fields_paths_and_splits(data_dir):
 
 
 def test_captions_agree_with_attributes(data_dir):
-    records = P.read_manifest(data_dir)
+    records = read_manifest(data_dir)
     rng = np.random.default_rng(0)
     pairs = [(r["attributes"], r["caption_short"], r["caption_long"]) for r in records]
     for _ in range(300):  # and many more contexts than the tiny data holds
@@ -115,7 +116,7 @@ def test_face_box_contains_the_face():
 def test_tokenizer_round_trip(data_dir):
     tok = P.load_text_tokenizer(data_dir)
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
-    for r in P.read_manifest(data_dir)[:40]:
+    for r in read_manifest(data_dir)[:40]:
         for text in (r["caption_short"], r["caption_long"]):
             ids = tok(text)["input_ids"]
             assert ids[-1] == 1 and 2 not in ids and 0 not in ids  # </s> appended, nothing unknown, no padding
@@ -142,7 +143,7 @@ def test_judge_learns_and_loads(trained, data_dir):
 
 def test_judge_api(trained, data_dir):
     judge = J.load_judge(trained[1], "cpu")
-    records = P.read_manifest(data_dir, "test")[:4]
+    records = read_manifest(data_dir, "test")[:4]
     images = torch.stack([torch.from_numpy(np.array(Image.open(r["path"]))).permute(2, 0, 1) for r in records])
     crops = torch.stack([torch.from_numpy(np.array(Image.open(r["crop_path"]))).permute(2, 0, 1) for r in records])
     images, crops = J.to_float(images), J.to_float(crops)  # (4, 3, 64, 64) in [-1, 1]
@@ -169,7 +170,7 @@ def test_judge_api(trained, data_dir):
 
 def test_bad_input_is_one_line_error(tmp_path):
     with pytest.raises(UserError):
-        P.read_manifest(str(tmp_path))
+        read_manifest(str(tmp_path))
     with pytest.raises(UserError):
         J.main(parse_config(J.Config, J.PRESETS, ["--preset=tiny", f"--data_dir={tmp_path}"]))
     with pytest.raises(UserError):

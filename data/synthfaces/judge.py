@@ -45,7 +45,8 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make the repo root importable (for `common`)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from common import UserError, cli, config_dict, load_checkpoint, log, save_checkpoint  # noqa: E402
-from data.synthfaces.prepare import ATTRIBUTES, read_manifest  # noqa: E402
+from data.synthfaces.prepare import ATTRIBUTES  # noqa: E402
+from train import read_manifest  # noqa: E402  (the manifest format is defined once, in train.py)
 
 
 @dataclass

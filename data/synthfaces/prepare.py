@@ -16,8 +16,8 @@ is a function of the config, whatever the number of workers):
 
 Outputs in out_dir: images/<id>_<k>.png, crops/<id>_<k>.png, manifest.jsonl (one image per line), tokenizer.json
 (word-level, T5 special tokens <pad>=0 </s>=1 <unk>=2, appends </s>), meta.json, contact_sheet.png (rows = identities,
-cols = contexts; also copied to assets/). Other scripts use read_manifest, ATTRIBUTES, build_caption, parse_caption,
-load_text_tokenizer from here.
+cols = contexts; also copied to assets/). The manifest follows the format of train.py (read it with
+train.read_manifest); other scripts use ATTRIBUTES, build_caption, parse_caption, load_text_tokenizer from here.
 """
 
 import json
@@ -539,23 +539,6 @@ def load_text_tokenizer(data_dir):
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist; run python data/synthfaces/prepare.py --out_dir={data_dir}")
     return PreTrainedTokenizerFast(tokenizer_file=path, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def read_manifest(data_dir, split=None):
-    """manifest.jsonl -> list of records (paths resolved against data_dir), optionally only one split."""
-    path = os.path.join(data_dir, "manifest.jsonl")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist; run python data/synthfaces/prepare.py --out_dir={data_dir}")
-    if split not in (None, "train", "test"):
-        raise UserError(f"split must be None, 'train' or 'test', not {split!r}")
-    records = []
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if split is None or r["split"] == split:
-                r["path"], r["crop_path"] = os.path.join(data_dir, r["path"]), os.path.join(data_dir, r["crop_path"])
-                records.append(r)
-    return records
 
 
 def contact_sheet(cfg, rows):
