@@ -111,7 +111,8 @@ def plot_curves(metrics_path, png_path, width=640, height=300):
         draw.text((x0, y1 + 5), f"step {steps[0]}", fill="black")
         draw.text((x1 - 70, y1 + 5), f"step {steps[-1]}", fill="black")
         for y, colour in zip(ys, colours):
-            pts = [(x0 + (x1 - x0) * (s - steps[0]) / max(1, steps[-1] - steps[0]), y1 - (y1 - y0) * (v - lo) / (hi - lo))
+            span = max(1, steps[-1] - steps[0])
+            pts = [(x0 + (x1 - x0) * (s - steps[0]) / span, y1 - (y1 - y0) * (v - lo) / (hi - lo))
                    for s, v in zip(steps, y)]
             draw.line(pts, fill=colour.removeprefix("tab:"), width=2)
     img.save(png_path)

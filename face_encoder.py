@@ -43,7 +43,9 @@ class InsightFaceDetector:
     The model pack is looked up in <root>/models/<pack> (or `pack` may be a folder); it is never downloaded."""
 
     def __init__(self, pack="buffalo_l", root="~/.insightface", det_size=640, det_thresh=0.5, device="cpu"):
-        folder = pack if os.path.isdir(os.path.expanduser(pack)) else os.path.join(os.path.expanduser(root), "models", pack)
+        folder = os.path.expanduser(pack)
+        if not os.path.isdir(folder):
+            folder = os.path.join(os.path.expanduser(root), "models", pack)
         has_onnx = os.path.isdir(folder) and any(f.endswith(".onnx") for f in os.listdir(folder))
         if not has_onnx:
             raise FaceError(f"InsightFace model pack '{pack}' not found in {folder}: download {pack}.zip from "
@@ -168,7 +170,7 @@ class IResNet(nn.Module):
         return F.normalize(x, dim=-1)
 
 
-# AdaFace (github.com/mk-minchul/AdaFace net.py) names -> ours. Its ckpt is a Lightning dict {"state_dict": {"model.*"}}.
+# AdaFace (github.com/mk-minchul/AdaFace net.py) names -> ours; its ckpt is a Lightning {"state_dict": {"model.*"}}.
 _ADAFACE_RENAMES = [("input_layer.0.", "conv1."), ("input_layer.1.", "bn1."), ("input_layer.2.", "prelu."),
                     ("output_layer.0.", "bn2."), ("output_layer.3.", "fc."), ("output_layer.4.", "features."),
                     ("res_layer.0.", "bn1."), ("res_layer.1.", "conv1."), ("res_layer.2.", "bn2."),
@@ -219,7 +221,8 @@ def load_iresnet(path):
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise FaceError(f"{path} is not an IResNet/AdaFace checkpoint: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise FaceError(f"{path} is not an IResNet/AdaFace checkpoint: missing {missing[:4]}, "
+                        f"unexpected {unexpected[:4]}")
     return net.eval().requires_grad_(False)
 
 
@@ -254,7 +257,8 @@ class DinoAlign(nn.Module):
 
     def forward(self, features, images):
         """features (B, d, h, w) encoder output, images (B, 3, H, W) in [-1, 1] -> scalar loss."""
-        x = F.interpolate((images + 1) / 2, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        size = (self.image_size, self.image_size)
+        x = F.interpolate((images + 1) / 2, size=size, mode="bicubic", align_corners=False)
         with torch.no_grad():
             tokens = self.dino(pixel_values=(x - self.mean) / self.std).last_hidden_state  # (B, 1+R+N, D)
         side = self.image_size // self.dino.config.patch_size

@@ -627,12 +627,16 @@ def _read_state_dict(path_or_state_dict):
         path = os.fspath(path_or_state_dict)
         if not os.path.isfile(path):
             raise CheckpointMismatchError(f"load_infinity: no such file: {path}")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        try:  # a truncated or foreign file is one line, not a traceback from deep inside torch
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file
 
-            sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                sd = load_file(path)
+            else:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointMismatchError(f"load_infinity: cannot read {path} ({type(e).__name__}); pass an "
+                                          "official Infinity .pth or a .safetensors state dict") from None
     if isinstance(sd.get("model"), dict):  # our own training checkpoints wrap the state_dict
         sd = sd["model"]
     return sd

@@ -65,10 +65,10 @@ def load_run(path, device="cpu", use_ema=True):
     hear.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"])
     vae, _ = load_tokenizer(cfg.tokenizer_ckpt)
     face_enc, _ = load_tokenizer(cfg.face_encoder_ckpt)
-    global_enc = build_global_encoder(cfg)
+    global_enc = build_global_encoder(cfg, device)
     model = TextToBits(text_enc, hear, False).to(device).eval()
     return {"model": model, "captions": captions, "vae": vae.to(device), "face_encoder": face_enc.to(device),
-            "global_encoder": None if global_enc is None else global_enc.to(device), "cfg": cfg, "step": ckpt["step"]}
+            "global_encoder": global_enc, "cfg": cfg, "step": ckpt["step"]}
 
 
 def reference_crop(cfg, size, device):
@@ -112,7 +112,7 @@ def generate(run, prompts, crops, cfg, generator, negative=None):
 def main(cfg):
     import torchvision
 
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if not cfg.prompt:
         raise UserError("--prompt is required")
     run = load_run(cfg.ckpt, device, cfg.use_ema)

@@ -40,11 +40,9 @@ _RATIO_TO_HW = {ratio: [tuple(map(int, hw.split(","))) for hw in sizes.split()] 
 }.items()}
 # Official template keys in official order: 1.0, then each ratio followed by its inverse. The inverse key is
 # TRUNCATED to 3 decimals (int(1/r*1000)/1000), so 1/1.5 -> 0.666, not 0.667.
-_TEMPLATE_TO_HW = {}
-for _ratio, _hws in _RATIO_TO_HW.items():
-    _TEMPLATE_TO_HW[_ratio] = _hws
-    if _ratio != 1.0:
-        _TEMPLATE_TO_HW[int(1 / _ratio * 1000) / 1000] = [(w, h) for h, w in _hws]
+_TEMPLATE_TO_HW = {1.0: _RATIO_TO_HW[1.0]}
+for _ratio, _hws in list(_RATIO_TO_HW.items())[1:]:
+    _TEMPLATE_TO_HW.update({_ratio: _hws, int(1 / _ratio * 1000) / 1000: [(w, h) for h, w in _hws]})
 H_DIV_W_TEMPLATES = list(_TEMPLATE_TO_HW)
 # number of leading scales per official "pn" (pixel-count) setting
 PN_NUM_SCALES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
@@ -474,12 +472,15 @@ def _read_state_dict(src):
     """Path (.pth / .safetensors) or dict -> flat {name: tensor}; takes the official top-level "vae" entry."""
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file  # optional dependency, only needed for this format
+        try:  # a missing, truncated or foreign file is one line, not a traceback from deep inside torch
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file  # optional dependency, only needed for this format
 
-            src = load_file(path)
-        else:
-            src = torch.load(path, map_location="cpu", weights_only=True)
+                src = load_file(path)
+            else:
+                src = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointMismatchError(f"cannot read {path} ({type(e).__name__}): not a .pth/.safetensors") from None
     if not isinstance(src, dict):
         raise CheckpointMismatchError(f"expected a state dict (or a dict with key 'vae'), got {type(src).__name__}")
     if isinstance(src.get("vae"), dict):

@@ -232,7 +232,8 @@ def build_text_encoder(cfg, caption_tokenizer_json=None):
         if not os.path.isdir(cfg.text_encoder):
             raise UserError(f"--text_encoder={cfg.text_encoder!r}: not a local T5 folder (e.g. weights/flan-t5-xl)")
         t5 = T5EncoderModel.from_pretrained(cfg.text_encoder, local_files_only=True)
-        return t5.eval().requires_grad_(False), AutoTokenizer.from_pretrained(cfg.text_encoder, local_files_only=True), False
+        captions = AutoTokenizer.from_pretrained(cfg.text_encoder, local_files_only=True)
+        return t5.eval().requires_grad_(False), captions, False
     if caption_tokenizer_json is None:
         path = os.path.join(cfg.data_dir if os.path.isdir(cfg.data_dir) else os.path.dirname(cfg.data_dir),
                             "tokenizer.json")
@@ -287,8 +288,8 @@ def face_features(face_enc, global_enc, crops, cfg):
     return (v_g if cfg.use_global_face else None), (v_hf if cfg.use_hf_adapter else None)
 
 
-def build_global_encoder(cfg):
-    """None for the synthfaces preset (v[:FT] is the global view), else a frozen CLIP vision tower."""
+def build_global_encoder(cfg, device="cpu"):
+    """None for the synthfaces preset (v[:FT] is the global view), else a frozen CLIP vision tower on `device`."""
     if cfg.global_face == "lowfreq":
         return None
     from transformers import CLIPVisionModelWithProjection
@@ -296,7 +297,7 @@ def build_global_encoder(cfg):
     path = cfg.global_face.removeprefix("clip:")
     if not os.path.isdir(path):
         raise UserError(f"--global_face={cfg.global_face!r}: {path} is not a local CLIP vision folder")
-    return fe.ClipGlobalEncoder(CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True))
+    return fe.ClipGlobalEncoder(CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)).to(device)
 
 
 def param_groups(module, weight_decay):
@@ -326,10 +327,8 @@ def main(cfg):
         log(save_config(cfg, cfg.out_dir), cfg.out_dir)
         log(run_info(device), cfg.out_dir)
     records = read_manifest(cfg.data_dir, "train")
-    vae = load_tokenizer(cfg.tokenizer_ckpt)[0].to(device)
-    face_enc = load_tokenizer(cfg.face_encoder_ckpt)[0].to(device)
-    global_enc = build_global_encoder(cfg)
-    global_enc = None if global_enc is None else global_enc.to(device)
+    vae, face_enc = (load_tokenizer(p)[0].to(device) for p in (cfg.tokenizer_ckpt, cfg.face_encoder_ckpt))
+    global_enc = build_global_encoder(cfg, device)
     global_dim = face_enc.cfg.codebook_dim if global_enc is None else global_enc.clip.config.projection_dim
     resumed = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.init_from == "resume" else None
     text_enc, captions, train_text = build_text_encoder(cfg, resumed and resumed.get("caption_tokenizer"))
@@ -370,7 +369,8 @@ def main(cfg):
     if cfg.compile:
         run = torch.compile(run)  # `model` stays the raw module for saving and sampling
     log(f"HEAR transformer {hear.num_params() / 1e6:.2f}M params ({hear.num_params(True) / 1e6:.2f}M trainable), "
-        f"text encoder {sum(p.numel() for p in text_enc.parameters()) / 1e6:.2f}M ({'trained' if train_text else 'frozen'})"
+        f"text encoder {sum(p.numel() for p in text_enc.parameters()) / 1e6:.2f}M "
+        f"({'trained' if train_text else 'frozen'})"
         f", {len(records)} training images", cfg.out_dir, master)
 
     buckets = aspect_buckets(records, cfg.pn)
@@ -396,7 +396,7 @@ def main(cfg):
                 feats = vae.encode(x).float()
                 v_g, v_hf = face_features(face_enc, global_enc, crops, cfg)
             for j, i in enumerate(todo):
-                cache[i] = (feats[j], None if v_g is None else v_g[j].float(), None if v_hf is None else v_hf[j].float())
+                cache[i] = tuple(None if t is None else t[j].float() for t in (feats, v_g, v_hf))
         out = [cache[i] for i in indices]
         if not cfg.cache_features:
             cache.clear()
