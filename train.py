@@ -363,11 +363,9 @@ def main(cfg):
             ema.load_state_dict(resumed["ema"])
         set_rng_state(resumed["rng"])
         step = resumed["step"]
-    run = model
-    if dist.world_size > 1:
-        run = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if "cuda" in device else None)
-    if cfg.compile:
-        run = torch.compile(run)  # `model` stays the raw module for saving and sampling
+    ddp = None if dist.world_size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[dist.local_rank] if "cuda" in device else None)
+    run = torch.compile(ddp or model) if cfg.compile else (ddp or model)  # `model` stays raw for saving/sampling
     log(f"HEAR transformer {hear.num_params() / 1e6:.2f}M params ({hear.num_params(True) / 1e6:.2f}M trainable), "
         f"text encoder {sum(p.numel() for p in text_enc.parameters()) / 1e6:.2f}M "
         f"({'trained' if train_text else 'frozen'})"
@@ -441,8 +439,8 @@ def main(cfg):
             x_in, labels = tok.bitwise_self_correction(feats, schedule, cfg.bsc_p_max, bsc_gen)  # Eq. (11)-(12)
             texts = [records[i]["caption_short" if use_short[lo + j] else "caption_long"] for j, i in enumerate(idx)]
             ids = captions(texts, padding=True, truncation=True, max_length=cfg.text_maxlen, return_tensors="pt")
-            if dist.world_size > 1:  # sync gradients only on the last micro-step
-                run.require_backward_grad_sync = m == cfg.grad_accum - 1
+            if ddp is not None:  # sync gradients on the last micro-step only (set on DDP, not the compiled wrapper)
+                ddp.require_backward_grad_sync = m == cfg.grad_accum - 1
             with autocast(device, cfg.dtype):
                 logits = run(ids["input_ids"].to(device), ids["attention_mask"].to(device), x_in, schedule, grid,
                              v_g, v_hf, drop[lo: lo + micro].to(device))
