@@ -81,3 +81,11 @@ def test_epoch_batches_cover_each_bucket_once():
     assert len(set(sum(batches, []))) == 15  # 3 + 2 full batches, each index at most once
     assert batches == train.epoch_batches(16, 3, epoch=0, seed=1, buckets=buckets)
     assert batches != train.epoch_batches(16, 3, epoch=1, seed=1, buckets=buckets)
+
+
+def test_grad_accumulation_equals_one_big_batch(tiny_run, tmp_path):
+    extra = ["--max_iters=2", "--bsc_p_max=0.0", "--cond_drop_prob=0.0"]
+    run(args(tiny_run, str(tmp_path / "big"), *extra))
+    run(args(tiny_run, str(tmp_path / "acc"), *extra, "--grad_accum=2"))
+    w1, w2 = load_checkpoint(f"{tmp_path}/big/ckpt.pt")["model"], load_checkpoint(f"{tmp_path}/acc/ckpt.pt")["model"]
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
