@@ -41,7 +41,7 @@ class Config:
     hf_tokens: int = 100  # high-frequency face tokens (0 = no adapter)
     patch_size: int = 8  # tokenizer stride
     vae_base_ch: int = 32  # tokenizer width
-    vae_ch_mult: tuple = (1, 2, 2, 4)
+    vae_ch_mult: tuple = (1, 1, 2, 2)
     grad_checkpointing: bool = False  # the 2B at 1024 px needs it
     warmup: int = 2  # untimed iterations
     iters: int = 5  # timed iterations
