@@ -1,11 +1,13 @@
 """
-Evaluation of tokenizers on held-out identities (paper Table 2/4: MSE on the 0-255 scale, SSIM, PSNR, and the
-PSNR inside the face box, where the face encoder should win).
+Evaluation on held-out identities (the "test" split; never seen in training).
 
-  python eval.py --ckpts=out/tokenizer/ckpt.pt,out/face_encoder/ckpt.pt
-  python eval.py --ckpts=infinity:weights/infinity_vae_d32reg.pth --data_dir=data/faces --image_size=256
+  tokenizers (paper Table 2/4: MSE on the 0-255 scale, SSIM, PSNR, PSNR inside the face box, identity similarity):
+    python eval.py --ckpts=out/tokenizer/ckpt.pt,out/face_encoder/ckpt.pt
+  generation (Table 1/3 style, synthfaces): FaceSim, identity retrieval, prompt adherence, seconds per image:
+    python eval.py --what=generation --ckpt=out/hear/ckpt.pt
 
-Prints a markdown table, one row per checkpoint (and writes it to --out when set).
+Both print a markdown table (and write it to --out when set). Generation is scored by the synthfaces judge's
+*evaluator* networks, never by the identity network the face encoder was trained against.
 """
 
 import dataclasses
@@ -20,6 +22,12 @@ from common import cli, log, run_info, setup_device
 @dataclasses.dataclass
 class Config:
     preset: str = "synthfaces"  # preset name
+    what: str = "tokenizer"  # tokenizer | generation
+    ckpt: str = "out/hear/ckpt.pt"  # generation: the train.py checkpoint
+    prompts_per_identity: int = 4  # generation: prompts (captions of other images) per held-out identity
+    guidance: float = 3.0  # generation: CFG scale
+    id_scale: float = 1.0  # generation: lambda of Eq. (7)
+    seed: int = 0  # generation: sampling seed
     ckpts: str = "out/tokenizer/ckpt.pt,out/face_encoder/ckpt.pt"  # comma-separated tokenizer checkpoints
     names: str = ""  # optional comma-separated row names (default: the checkpoint paths)
     data_dir: str = "data/synthfaces/out"  # manifest folder; the "test" split (held-out identities) is used
@@ -119,9 +127,81 @@ def plot_curves(metrics_path, png_path, width=640, height=300):
     return png_path
 
 
+def score(judge, images, ref_embs, own, attrs):
+    """Judge scores of images (B, 3, H, W) of identities `own` (B,) against reference embeddings (N, E) of all N
+    identities: FaceSim to the own reference, top-1 retrieval, and prompt adherence over the attributes (B dicts)."""
+    emb = judge.embed(judge.crop(images, judge.detect(images)), "eval")  # (B, E), face found by the judge's detector
+    sims = emb @ ref_embs.T  # (B, N)
+    logits = judge.classify(images)
+    hits = [float(logits[a][b].argmax() == judge.attributes[a].index(v)) for b, at in enumerate(attrs)
+            for a, v in at.items()]
+    return {"face_sim": sims[torch.arange(len(own)), own], "top1": (sims.argmax(1) == own).float(),
+            "prompt_acc": torch.tensor(hits)}
+
+
+@torch.no_grad()
+def evaluate_generation(cfg, device, judge):
+    """Table 1/3-style rows on held-out identities: HEAR with the face, the null face (prompt only), and real images
+    of the same / another identity as upper bound / chance level."""
+    import time
+
+    from sample import Config as SampleConfig
+    from sample import generate, load_run
+    from train import load_image, read_manifest
+
+    run = load_run(cfg.ckpt, device)
+    size = run["cfg"].image_size
+    by_id = {}
+    for r in read_manifest(cfg.data_dir, "test"):
+        by_id.setdefault(r["identity"], []).append(r)
+    ids = sorted(i for i in by_id if len(by_id[i]) > 1)  # a reference image plus at least one prompt
+    refs = torch.stack([load_image(by_id[i][0]["crop_path"], (run["cfg"].face_size,) * 2) for i in ids]).to(device)
+    ref_embs = judge.embed(refs, "eval")  # (N, E): one reference crop per identity (its image 0)
+    rows, gen = {}, torch.Generator(device=device).manual_seed(cfg.seed)
+    sampling = SampleConfig(cfg=cfg.guidance, id_scale=cfg.id_scale)
+    seconds = 0.0
+    for n, i in enumerate(ids):
+        recs = by_id[i][1: 1 + cfg.prompts_per_identity]  # prompts = captions of the identity's other images
+        own, attrs = torch.full((len(recs),), n, device=device), [r["attributes"] for r in recs]
+        prompts = [r["caption_short"] for r in recs]
+        crops = refs[n: n + 1].expand(len(recs), -1, -1, -1)
+        pool = by_id[ids[(n + 1) % len(ids)]]  # the next identity's images
+        other = torch.stack([load_image(pool[k % len(pool)]["path"], (size, size)) for k in range(len(recs))])
+        other = other.to(device)
+        real = torch.stack([load_image(r["path"], (size, size)) for r in recs]).to(device)
+        t = time.time()
+        images = generate(run, prompts, crops, sampling, gen)[0]
+        seconds += time.time() - t
+        null = generate(run, prompts, crops, sampling, gen, null_face=True)[0]  # the same prompts, no face
+        for name, x in (("HEAR (face + prompt)", images), ("null face (prompt only)", null),
+                        ("real image, same identity (upper bound)", real),
+                        ("real image, other identity (chance)", other)):
+            for k, v in score(judge, x, ref_embs, own, attrs).items():
+                rows.setdefault(name, {}).setdefault(k, []).append(v.cpu())
+    table = ["| images | FaceSim | identity top-1 | prompt adherence |", "|---|---|---|---|"]
+    for name, m in rows.items():
+        m = summarize(m)
+        table.append(f"| {name} | {m['face_sim']:.4f} | {m['top1']:.4f} | {m['prompt_acc']:.4f} |")
+    n_img = sum(min(len(by_id[i]) - 1, cfg.prompts_per_identity) for i in ids)
+    table.append(f"\n{len(ids)} held-out identities x {cfg.prompts_per_identity} prompts, cfg {cfg.guidance}, "
+                 f"top-1 chance {1 / len(ids):.3f}, {seconds / n_img:.3f} s per generated image (decoder included)")
+    return "\n".join(table)
+
+
 def main(cfg):
     if cfg.curves:
         return log(f"wrote {plot_curves(cfg.curves, cfg.out or 'curves.png')}")
+    if cfg.what == "generation":
+        from data.synthfaces.judge import load_judge
+
+        device = setup_device(cfg.device).device
+        log(run_info(device))
+        table = evaluate_generation(cfg, device, load_judge(cfg.judge, device))
+        log(table)
+        if cfg.out:
+            with open(cfg.out, "w") as f:
+                f.write(table + "\n")
+        return table
     import tokenizer as tok
     from train import load_example, load_tokenizer, read_manifest
 

@@ -89,8 +89,9 @@ def reference_crop(cfg, size, device):
 
 
 @torch.no_grad()
-def generate(run, prompts, crops, cfg, generator, negative=None):
-    """prompts (list of B str), crops (B, 3, S, S) -> images (B, 3, H, W) in [-1, 1], per-scale latents."""
+def generate(run, prompts, crops, cfg, generator, negative=None, null_face=False):
+    """prompts (list of B str), crops (B, 3, S, S) -> images (B, 3, H, W) in [-1, 1], per-scale latents.
+    null_face: zero face tokens (the null condition of CFG training), i.e. the prompt alone."""
     train_cfg, model, vae = run["cfg"], run["model"], run["vae"]
     device = crops.device
     ids = run["captions"](prompts, padding=True, truncation=True, max_length=train_cfg.text_maxlen,
@@ -103,6 +104,8 @@ def generate(run, prompts, crops, cfg, generator, negative=None):
     template = tok.nearest_template(cfg.h_div_w) if train_cfg.pn else 1.0
     _, schedule, grid = geometry(train_cfg, template, vae.cfg.patch_size)
     v_g, v_hf = face_features(run["face_encoder"], run["global_encoder"], crops, train_cfg)  # Eq. (3)-(5) inputs
+    if null_face:
+        v_g, v_hf = (None if v is None else torch.zeros_like(v) for v in (v_g, v_hf))
     out = model.hear.generate(text, lens, schedule, grid, cfg=cfg.cfg, tau=cfg.tau, top_k=cfg.top_k, top_p=cfg.top_p,
                               generator=generator, negative_text=neg_text, negative_lens=neg_lens, face_global=v_g,
                               face_hf=v_hf, id_scale=cfg.id_scale, return_per_scale=True)
