@@ -429,8 +429,8 @@ def main(cfg):
             lo = (m * dist.world_size + dist.rank) * micro  # position of this micro-batch in the global batch
             idx = batch[lo: lo + micro]
             feats, _, _ = frozen_features(idx, template)
-            # reference face: another image of the same identity when there is one (so the model cannot copy the
-            # pose, expression or accessories of the target through the face tokens)
+            # reference face: a random image of the same identity (the target itself only with probability 1/n), so
+            # the model cannot simply copy the target's expression or accessories through the face tokens
             refs = []
             for j, i in enumerate(idx):
                 pool = by_identity[records[i].get("identity", i)]
