@@ -13,7 +13,6 @@ Both print a markdown table (and write it to --out when set). Generation is scor
 import dataclasses
 import os
 
-import numpy as np
 import torch
 
 from common import cli, log, run_info, setup_device
@@ -88,11 +87,6 @@ def reconstruction_metrics(recon, target, boxes=None):
 def summarize(per_image):
     """{name: [tensors]} -> {name: mean float}; PSNR is averaged per image (the usual convention)."""
     return {k: float(torch.cat(v).mean()) for k, v in per_image.items()}
-
-
-def np_images(x):
-    """(B, 3, H, W) in [-1, 1] -> list of (H, W, 3) uint8 arrays."""
-    return list(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8))
 
 
 def plot_curves(metrics_path, png_path, width=640, height=300):

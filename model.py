@@ -158,12 +158,12 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(C, C)
 
     def forward(self, x, rope, attn_mask=None, cache=None):
-        """x (B, l, C), rope = (cos, sin) of these l tokens -> (B, l, C). `cache` (dict) holds the keys/values of
+        """x (B, n, C), rope = (cos, sin) of these n tokens -> (B, n, C). `cache` (dict) holds the keys/values of
         earlier scales during KV-cached sampling; attn_mask is None there, a bool (L, L) or a BlockMask in training."""
-        B, l, C = x.shape
+        B, n, C = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # (3C,)
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, l, hd) each
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, n, hd) each
         q = F.normalize(q.float(), dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100.0)).exp()
         k = F.normalize(k.float(), dim=-1)
         q, k = apply_rope_2d(q, *rope).to(v.dtype), apply_rope_2d(k, *rope).to(v.dtype)
@@ -173,12 +173,12 @@ class SelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         if BlockMask is not None and isinstance(attn_mask, BlockMask):
             attend = _compiled_flex_attention() if q.is_cuda else flex_attention
-            out = attend(q, k, v, block_mask=attn_mask, scale=1.0)  # (B, H, l, hd)
+            out = attend(q, k, v, block_mask=attn_mask, scale=1.0)  # (B, H, n, hd)
         else:
             # NOTE: a tensor attn_mask (training without FlexAttention) rules out SDPA's flash kernel;
             # KV-cached sampling passes None, so it is flash-eligible.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)  # (B, H, l, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, l, C))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)  # (B, H, n, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, n, C))
 
 
 class CrossAttention(nn.Module):

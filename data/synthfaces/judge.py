@@ -492,7 +492,7 @@ def train(cfg, ckpt_path):
     train_time = time.time() - t0
     judge.eval().requires_grad_(False)
     metrics = evaluate(judge, data, device)
-    metrics.update(train_time_s=round(train_time, 1), history={k: [[round(l, 4), round(a, 4)] for l, a in v]
+    metrics.update(train_time_s=round(train_time, 1), history={k: [[round(loss, 4), round(a, 4)] for loss, a in v]
                                                                for k, v in history.items()})
     save_checkpoint(dict(model=judge.state_dict(), judge_config=judge_config, config=config_dict(cfg),
                          metrics=metrics), ckpt_path)
