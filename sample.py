@@ -57,7 +57,8 @@ def load_run(path, device="cpu", use_ema=True):
     ckpt = load_checkpoint(path)
     if "model_config" not in ckpt or "text_encoder" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint")
-    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}  # keys of older/newer versions are ignored
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
     text_enc, captions, _ = build_text_encoder(cfg, ckpt.get("caption_tokenizer"))
     if isinstance(ckpt["text_encoder"], dict):
         text_enc.load_state_dict(ckpt["text_encoder"])
