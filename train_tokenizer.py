@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 import face_encoder as fe
 import tokenizer as tok
-from common import (UserError, autocast, cli, load_checkpoint, log, rng_state, run_info, save_checkpoint,
+from common import (UserError, autocast, cli, log, rng_state, run_info, save_checkpoint,
                     save_config, set_rng_state, setup_device)
 from eval import reconstruction_metrics, summarize
-from train import epoch_batches, load_example, read_manifest
+from train import epoch_batches, load_example, load_tokenizer, read_manifest
 
 
 @dataclasses.dataclass
@@ -93,15 +93,9 @@ def build_tokenizer(cfg):
     if cfg.init_from == "scratch":
         arch = tok.TokenizerConfig(cfg.base_ch, cfg.ch_mult, cfg.num_res_blocks, cfg.codebook_dim, cfg.patch_size)
         return tok.BSQVAE(arch), None
-    if cfg.init_from.startswith("infinity:"):
-        return tok.load_infinity_vae(cfg.init_from.split(":", 1)[1]), None
-    path = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.init_from == "resume" else cfg.init_from
-    ckpt = load_checkpoint(path)
-    if "tokenizer_config" not in ckpt:
-        raise UserError(f"{path} is not a tokenizer checkpoint of train_tokenizer.py (no tokenizer_config)")
-    vae = tok.BSQVAE(tok.TokenizerConfig(**ckpt["tokenizer_config"]))
-    vae.load_state_dict(ckpt["model"])
-    return vae, (ckpt if cfg.init_from == "resume" else None)
+    spec = os.path.join(cfg.out_dir, "ckpt.pt") if cfg.init_from == "resume" else cfg.init_from
+    vae, ckpt = load_tokenizer(spec)  # infinity:<official .pth> or our checkpoint; returned frozen
+    return vae.requires_grad_(True), (ckpt if cfg.init_from == "resume" else None)
 
 
 def build_id_net(cfg, device):
