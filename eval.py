@@ -141,7 +141,7 @@ def evaluate_generation(cfg, device, judge):
 
     from sample import Config as SampleConfig
     from sample import generate, load_run
-    from train import load_image, read_manifest
+    from data.manifest import load_image, read_manifest
 
     run = load_run(cfg.ckpt, device)
     size = run["cfg"].image_size
@@ -197,7 +197,8 @@ def main(cfg):
                 f.write(table + "\n")
         return table
     import tokenizer as tok
-    from train import load_example, load_tokenizer, read_manifest
+    from data.manifest import load_example, read_manifest
+    from train import load_tokenizer
 
     device = setup_device(cfg.device).device
     log(run_info(device))

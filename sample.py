@@ -19,8 +19,8 @@ import model as hear_model
 import tokenizer as tok
 from common import UserError, cli, load_checkpoint, log, run_info
 from train import Config as TrainConfig
-from train import (TextToBits, build_global_encoder, build_text_encoder, face_features, geometry, load_image,
-                   load_tokenizer)
+from data.manifest import geometry, load_image
+from train import TextToBits, build_global_encoder, build_text_encoder, face_features, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -103,7 +103,7 @@ def generate(run, prompts, crops, cfg, generator, negative=None, null_face=False
         neg = run["captions"]([negative] * len(prompts), padding=True, return_tensors="pt").to(device)
         neg_text, neg_lens = model.encode_text(neg["input_ids"], neg["attention_mask"])
     template = tok.nearest_template(cfg.h_div_w) if train_cfg.pn else 1.0
-    _, schedule, grid = geometry(train_cfg, template, vae.cfg.patch_size)
+    _, schedule, grid = geometry(train_cfg.pn, train_cfg.image_size, template, vae.cfg.patch_size)
     v_g, v_hf = face_features(run["face_encoder"], run["global_encoder"], crops, train_cfg)  # Eq. (3)-(5) inputs
     if null_face:
         v_g, v_hf = (None if v is None else torch.zeros_like(v) for v in (v_g, v_hf))

@@ -25,7 +25,8 @@ import tokenizer as tok
 from common import (UserError, autocast, cli, log, rng_state, run_info, save_checkpoint,
                     save_config, set_rng_state, setup_device)
 from eval import reconstruction_metrics, summarize
-from train import epoch_batches, load_example, load_tokenizer, read_manifest
+from data.manifest import epoch_batches, load_example, read_manifest
+from train import load_tokenizer
 
 
 @dataclasses.dataclass

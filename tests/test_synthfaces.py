@@ -13,7 +13,7 @@ from PIL import Image
 from common import UserError, parse_config
 from data.synthfaces import judge as J
 from data.synthfaces import prepare as P
-from train import read_manifest
+from data.manifest import read_manifest
 
 
 def _prepare(out_dir, **overrides):

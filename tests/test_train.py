@@ -10,6 +10,7 @@ import torch
 
 import train
 from common import UserError, load_checkpoint, parse_config
+from data.manifest import epoch_batches, load_image, read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,22 +66,22 @@ def test_ddp_two_processes_equals_one(tiny_run, tmp_path):
 def test_manifest_errors_are_one_line(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"path": "a.png"}) + "\n")
     with pytest.raises(UserError, match=r"manifest.jsonl:1: missing field\(s\) \['face_box'"):
-        train.read_manifest(str(tmp_path))
+        read_manifest(str(tmp_path))
     (tmp_path / "manifest.jsonl").write_text("{not json\n")
     with pytest.raises(UserError, match="not valid JSON"):
-        train.read_manifest(str(tmp_path))
+        read_manifest(str(tmp_path))
     (tmp_path / "bad.png").write_bytes(b"nope")
     with pytest.raises(UserError, match="cannot read image"):
-        train.load_image(str(tmp_path / "bad.png"))
+        load_image(str(tmp_path / "bad.png"))
 
 
 def test_epoch_batches_cover_each_bucket_once():
     buckets = [list(range(0, 10)), list(range(10, 16))]
-    batches = train.epoch_batches(16, 3, epoch=0, seed=1, buckets=buckets)
+    batches = epoch_batches(16, 3, epoch=0, seed=1, buckets=buckets)
     assert all(len(b) == 3 and len({i >= 10 for i in b}) == 1 for b in batches)  # never mixes aspect buckets
     assert len(set(sum(batches, []))) == 15  # 3 + 2 full batches, each index at most once
-    assert batches == train.epoch_batches(16, 3, epoch=0, seed=1, buckets=buckets)
-    assert batches != train.epoch_batches(16, 3, epoch=1, seed=1, buckets=buckets)
+    assert batches == epoch_batches(16, 3, epoch=0, seed=1, buckets=buckets)
+    assert batches != epoch_batches(16, 3, epoch=1, seed=1, buckets=buckets)
 
 
 def test_grad_accumulation_equals_one_big_batch(tiny_run, tmp_path):

@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from common import UserError, cli, config_dict, load_checkpoint, log, save_checkpoint  # noqa: E402
 from data.synthfaces.prepare import ATTRIBUTES  # noqa: E402
-from train import read_manifest  # noqa: E402  (the manifest format is defined once, in train.py)
+from data.manifest import read_manifest  # noqa: E402  (the manifest format is defined once, there)
 
 
 @dataclass

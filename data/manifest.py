@@ -1,0 +1,126 @@
+"""
+The data every script shares: the manifest format and its reader, image and face-crop loading, aspect buckets,
+deterministic batches, and the reference-face choice. train.py, train_tokenizer.py, sample.py, eval.py, curate.py
+and the synthfaces judge all read data through this module.
+
+The manifest format (the one definition; curate.py and data/*/prepare.py write it, read_manifest reads it)
+-------------------------------------------------------------------------------------------------------------
+One JSON object per line (JSONL). Paths are relative to the manifest's folder unless absolute.
+  path           str    the training image
+  face_box       [x0, y0, x1, y1]  face box in pixels of that image (detector output or known)
+  caption_short  str    brief caption;  caption_long  str  detailed caption (training picks either, p = 0.5)
+  crop_path      str    optional: aligned square face crop, the reference image (else cut from face_box)
+  identity       str    optional: identity id (evaluation, reference sampling); records without one are their own
+  split          str    optional: "train" (default) or "test" (held-out identities, evaluation only)
+  attributes     dict   optional: prompt-controlled attributes (synthfaces), used by eval.py
+  source         str    optional: where the image came from (curate.py: a folder name, or "synthetic")
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+import tokenizer as tok
+from common import UserError
+
+REQUIRED_FIELDS = ("path", "face_box", "caption_short", "caption_long")
+
+
+def read_manifest(path, split=None):
+    """Manifest file (or a folder holding manifest.jsonl) -> list of records, paths made absolute.
+    split: keep only records of that split (records without one count as "train")."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "manifest.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"manifest {path} not found; run data/synthfaces/prepare.py or curate.py first")
+    root, records = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            missing = [k for k in REQUIRED_FIELDS if k not in rec]
+            if missing:
+                raise UserError(f"{path}:{n}: missing field(s) {missing} (see the manifest format in data/manifest.py)")
+            for key in ("path", "crop_path"):
+                if rec.get(key):
+                    rec[key] = os.path.join(root, rec[key])
+            if split is None or rec.get("split", "train") == split:
+                records.append(rec)
+    if not records:
+        raise UserError(f"{path}: no records" + (f" with split={split!r}" if split else ""))
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Images
+
+
+def load_image(path, size=None):
+    """Image file -> (3, H, W) float in [-1, 1] (RGB); size=(H, W) resizes (bicubic). One-line error if unreadable."""
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__})") from None
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def load_example(rec, size):
+    """One record -> (image (3, H, W), face box (4,) scaled to the resized image). size = (H, W)."""
+    if not os.path.isfile(rec["path"]):
+        raise UserError(f"image {rec['path']} listed in the manifest does not exist")
+    with Image.open(rec["path"]) as img:  # header only
+        w0, h0 = img.size
+    sx, sy = size[1] / w0, size[0] / h0
+    box = torch.tensor(rec["face_box"], dtype=torch.float32) * torch.tensor([sx, sy, sx, sy])
+    return load_image(rec["path"], size), box
+
+
+# -----------------------------------------------------------------------------
+# Batches and aspect buckets
+
+
+def epoch_batches(n, global_batch, epoch, seed, buckets=None):
+    """Deterministic batches of one epoch: shuffle within each aspect bucket, cut into full global batches, shuffle
+    the batches. The data position of a run is just its step, so resume needs no sampler state."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    buckets = buckets if buckets is not None else [list(range(n))]
+    batches = []
+    for idx in buckets:
+        perm = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+        batches += [perm[i: i + global_batch] for i in range(0, len(perm) - global_batch + 1, global_batch)]
+    if not batches:
+        raise UserError(f"fewer examples ({n}) than one global batch ({global_batch}); lower --batch_size")
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def aspect_buckets(records, pn):
+    """Group records by the official aspect template nearest to their image's h/w -> {template: [indices]}.
+    pn == "" puts everything in one square bucket (synthfaces)."""
+    if not pn:
+        return {1.0: list(range(len(records)))}
+    buckets = {}
+    for i, rec in enumerate(records):
+        with Image.open(rec["path"]) as img:  # reads the header only
+            w, h = img.size
+        buckets.setdefault(tok.nearest_template(h / w), []).append(i)
+    return buckets
+
+
+def geometry(pn, image_size, template, patch_size):
+    """(pixel size (H, W), scale schedule, RoPE grid) of an aspect bucket: the official template schedule for a pixel
+    budget pn, or (pn == "") the small square schedule of image_size."""
+    if pn:
+        schedule = tok.get_schedule(template, pn)
+        return (schedule[-1][0] * patch_size, schedule[-1][1] * patch_size), schedule, tok.rope_grid(template)
+    side = image_size // patch_size
+    schedule = tok.small_schedule(side, side)
+    return (image_size, image_size), schedule, schedule[-1]
