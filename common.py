@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -157,12 +158,18 @@ class Dist:
         return self.rank == 0
 
 
-def setup_device(device="auto"):
-    """DDP iff RANK is in the environment (torchrun). Returns Dist(rank, local_rank, world_size, device)."""
+def resolve_device(device="auto"):
+    """--device value -> a torch device string: auto picks CUDA when visible; cuda without a GPU is a UserError."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device=cuda but no CUDA device is visible; use --device=cpu")
+    return device
+
+
+def setup_device(device="auto"):
+    """DDP iff RANK is in the environment (torchrun). Returns Dist(rank, local_rank, world_size, device)."""
+    device = resolve_device(device)
     if "RANK" not in os.environ:
         return Dist(device=device)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -201,6 +208,17 @@ def run_info(device):
         commit = "unknown"
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     return f"commit {commit} | torch {torch.__version__} | device {name}"
+
+
+def lr_schedule(step, peak, warmup, total, min_ratio=0.0, cosine=True):
+    """Learning rate at `step` (0-based): linear warmup to `peak` over `warmup` steps, then constant (cosine=False,
+    the paper's transformer recipe) or a cosine decay that reaches min_ratio * peak at step `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if not cosine:
+        return peak
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 # -----------------------------------------------------------------------------

@@ -27,8 +27,8 @@ import face_encoder as fe
 import model as hear_model
 import tokenizer as tok
 from data.manifest import aspect_buckets, epoch_batches, geometry, load_example, load_image, read_manifest
-from common import (UserError, autocast, cli, load_checkpoint, log, peak_flops, rng_state, run_info, save_checkpoint,
-                    save_config, set_rng_state, setup_device)
+from common import (UserError, autocast, cli, load_checkpoint, log, lr_schedule, peak_flops, rng_state, run_info,
+                    save_checkpoint, save_config, set_rng_state, setup_device)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -320,7 +320,7 @@ def main(cfg):
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_drop_prob
         ref_pick = torch.rand(cfg.batch_size, generator=g)
         bsc_gen.manual_seed((cfg.seed * 1000003 + step) * 64 + dist.rank)
-        lr = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_iters))
+        lr = lr_schedule(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cosine=False)
         for group in opt.param_groups:
             group["lr"] = lr
         for m in range(cfg.grad_accum):

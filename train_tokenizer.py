@@ -13,7 +13,6 @@ identity terms join (Eq. 1). The generation tokenizer is never overwritten: the 
 """
 
 import dataclasses
-import math
 import os
 import time
 
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 import face_encoder as fe
 import tokenizer as tok
-from common import (UserError, autocast, cli, log, rng_state, run_info, save_checkpoint,
+from common import (UserError, autocast, cli, log, lr_schedule, rng_state, run_info, save_checkpoint,
                     save_config, set_rng_state, setup_device)
 from eval import reconstruction_metrics, summarize
 from data.manifest import epoch_batches, load_example, read_manifest
@@ -188,11 +187,8 @@ def main(cfg):
         vae.encoder.compile()
         vae.decoder.compile()
 
-    def lr_at(it):  # linear warmup, then cosine to min_lr_ratio
-        if it < cfg.warmup_iters:
-            return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-        t = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
-        return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    def lr_at(it):
+        return lr_schedule(it, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
 
     def save(metrics=None):
         if dist.master:
