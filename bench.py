@@ -128,7 +128,7 @@ def main(cfg):
 
         def gen():
             with autocast(device, cfg.dtype):
-                net.generate(text, lens, schedule, grid, cfg=3.0, face_global=v_g, face_hf=v_hf,
+                net.generate(text, lens, schedule, grid, cfg_scale=3.0, face_global=v_g, face_hf=v_hf,
                              generator=torch.Generator(device=device).manual_seed(0))
 
         dt = timed(gen, cfg, device)

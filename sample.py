@@ -107,9 +107,9 @@ def generate(run, prompts, crops, cfg, generator, negative=None, null_face=False
     v_g, v_hf = face_features(run["face_encoder"], run["global_encoder"], crops, train_cfg)  # Eq. (3)-(5) inputs
     if null_face:
         v_g, v_hf = (None if v is None else torch.zeros_like(v) for v in (v_g, v_hf))
-    out = model.hear.generate(text, lens, schedule, grid, cfg=cfg.cfg, tau=cfg.tau, top_k=cfg.top_k, top_p=cfg.top_p,
-                              generator=generator, negative_text=neg_text, negative_lens=neg_lens, face_global=v_g,
-                              face_hf=v_hf, id_scale=cfg.id_scale, return_per_scale=True)
+    out = model.hear.generate(text, lens, schedule, grid, cfg_scale=cfg.cfg, tau=cfg.tau, top_k=cfg.top_k,
+                              top_p=cfg.top_p, generator=generator, negative_text=neg_text, negative_lens=neg_lens,
+                              face_global=v_g, face_hf=v_hf, id_scale=cfg.id_scale)
     return vae.decode(out["latent"]), out["per_scale"]
 
 

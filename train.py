@@ -59,7 +59,7 @@ class Config:
     use_hf_adapter: bool = True  # Eq. (5)-(7): decoupled high-frequency cross-attention
     hf_first_scale: int = 3  # FT = tokens of the first hf_first_scale face scales (paper: 6 of 13)
     global_face: str = "lowfreq"  # lowfreq: v[:FT] of the face encoder | clip:<CLIPVisionModelWithProjection folder>
-    freeze_backbone: bool = False  # train only HEAR's new parameters (+ W_g = text_proj_for_ca)
+    train_params: str = "all"  # all | adapter (HEAR's new params + cross-attn W_Q, W_K, W_V + W_g) | hear (new only)
     # data
     image_size: int = 64  # square training size when pn == ""
     pn: str = ""  # official pixel budget 0.06M | 0.25M | 0.60M | 1M: aspect buckets from the templates
@@ -244,11 +244,11 @@ def main(cfg):
     if hear.cfg.codebook_dim != vae.cfg.codebook_dim:
         raise UserError(f"transformer predicts {hear.cfg.codebook_dim} bits but the tokenizer has d = "
                         f"{vae.cfg.codebook_dim}; use the tokenizer the transformer was trained with")
-    if cfg.freeze_backbone:
-        trainable = hear.freeze_backbone(also_train=("text_proj_for_ca",))  # new params + W_g of Eq. (3)
+    if cfg.train_params != "all":
+        trainable = hear.set_trainable(cfg.train_params)
         text_enc.requires_grad_(False)
         train_text = False
-        log(f"freeze_backbone: training {len(trainable)} tensors", cfg.out_dir, master)
+        log(f"train_params={cfg.train_params}: training {len(trainable)} tensors", cfg.out_dir, master)
     model = TextToBits(text_enc, hear, train_text).to(device).train()
     ema = copy.deepcopy(hear).requires_grad_(False) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
