@@ -283,6 +283,13 @@ def read_state_dict(src, unwrap=()):
     return dict(src)
 
 
+def seeded_generator(*keys, device="cpu"):
+    """A torch.Generator whose stream is a function of a tuple of ints, e.g. (seed, epoch) or (seed, step, rank):
+    per-step draws depend only on the step, never on how many numbers earlier steps drew, so a resumed run and any
+    world size see the same numbers. hash() of a tuple of ints is the same in every Python process."""
+    return torch.Generator(device=device).manual_seed(hash(keys) % 2**63)
+
+
 def rng_state():
     """All RNG states a resumed run needs (CPU and, when present, CUDA)."""
     state = {"cpu": torch.get_rng_state()}

@@ -8,7 +8,7 @@ the transformer's identity paths read.
   face tokens:       Eq. (5)  v = per-scale codes of the face crop, low -> high frequency; v_hf = v[FT:]
 
 The face encoder itself is a copy of the tokenizer (tokenizer.BSQVAE) fine-tuned with the composite loss by
-train_tokenizer.py --face_loss=True; the generation tokenizer is never modified.
+train_tokenizer.py --preset=synthfaces_face; the generation tokenizer is never modified.
 
 References:
   [HEAR]     HEAR: High-frequency Enhanced AutoRegressive modeling for identity-preserving generation (Eq. 1, 2, 5)
@@ -328,18 +328,42 @@ def hf_split(schedule, hf_first_scale):
     return tok.token_offsets(schedule)[hf_first_scale]
 
 
+def face_schedule(face_size, patch_size, hf_first_scale):
+    """The scale schedule of a face_size crop, checked against hf_first_scale (FT must leave high-frequency tokens)."""
+    schedule = tok.small_schedule(face_size // patch_size, face_size // patch_size)
+    if not 0 < hf_first_scale < len(schedule):
+        raise FaceError(f"hf_first_scale={hf_first_scale} leaves no high-frequency face tokens: a {face_size} px crop "
+                        f"has {len(schedule)} scales {schedule}; choose 1 .. {len(schedule) - 1}")
+    return schedule
+
+
 @torch.no_grad()
-def face_tokens(face_encoder, crops, schedule, hf_first_scale):
-    """Encode face crops (B, 3, H, W) in [-1, 1] into frequency-ordered tokens.
-    Returns v (B, L_face, d) = per-scale codes concatenated low -> high frequency, v_global = v[:, :FT] (the global
-    face tokens of the synthfaces preset) and v_hf = v[:, FT:] (Eq. 5, before W_hf which lives in model.py)."""
-    features = face_encoder.encode(crops)  # (B, d, h, w)
-    bits = face_encoder.quantize(features, schedule)["bits"]  # K x (B, h_k, w_k, d)
+def face_tokens(face_encoder, crops, hf_first_scale, global_encoder=None):
+    """Eq. (5) [HEAR]: reference face crops (B, 3, S, S) in [-1, 1] -> (v_g, v_hf). v (B, L_face, d) = the face
+    encoder's per-scale codes of the crop, low -> high frequency; v_hf = v[:, FT:] (before W_hf, which lives in
+    model.py); v_g = v[:, :FT] (the synthfaces global view) or the global encoder's tokens (CLIP, real presets).
+    Always fp32 (autocast off, as the official code encodes), so training and sampling see the same face bits."""
+    schedule = face_schedule(crops.shape[-1], face_encoder.cfg.patch_size, hf_first_scale)
+    with torch.autocast(crops.device.type, enabled=False):
+        bits = face_encoder.quantize(face_encoder.encode(crops.float()), schedule)["bits"]  # K x (B, h_k, w_k, d)
+        v_g = None if global_encoder is None else global_encoder(crops.float())
     # tokens from the bits (exact +-1/sqrt(d) values, as decoding sees them), not the straight-through forward value,
     # whose last ulp depends on the batch the crop was encoded in
-    v = torch.cat([tok.bits_to_codes(b).flatten(1, 2) for b in bits], dim=1)  # (B, L_face, d)
+    v = tok.bits_to_sequence(bits)  # (B, L_face, d)
     ft = hf_split(schedule, hf_first_scale)
-    return v, v[:, :ft], v[:, ft:]
+    return (v[:, :ft] if v_g is None else v_g), v[:, ft:]
+
+
+def build_global_encoder(spec, device="cpu"):
+    """--global_face: "lowfreq" -> None (v[:FT] is the global view); "clip:<folder>" -> a frozen CLIP vision tower."""
+    if spec == "lowfreq":
+        return None
+    from transformers import CLIPVisionModelWithProjection
+
+    path = spec.removeprefix("clip:")
+    if not spec.startswith("clip:") or not os.path.isdir(path):
+        raise FaceError(f"--global_face={spec!r}: use lowfreq or clip:<local CLIPVisionModelWithProjection folder>")
+    return ClipGlobalEncoder(CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)).to(device)
 
 
 class ClipGlobalEncoder(nn.Module):

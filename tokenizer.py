@@ -150,9 +150,10 @@ def index_to_bits(idx, d):
     return ((idx.long().unsqueeze(-1) >> shifts) & 1).to(torch.uint8)
 
 
-def codes_to_sequence(codes_list):
-    """Per-scale codes [(B, d, h_k, w_k)] -> (B, L, d), scales low -> high frequency, row-major inside a scale."""
-    return torch.cat([c.flatten(2).transpose(1, 2) for c in codes_list], dim=1)
+def bits_to_sequence(bits_list):
+    """Per-scale bits [(B, h_k, w_k, d)] -> codes as one token sequence (B, L, d): scales low -> high frequency,
+    row-major inside a scale (the transformer's token order)."""
+    return torch.cat([bits_to_codes(b).flatten(1, 2) for b in bits_list], dim=1)
 
 
 # -----------------------------------------------------------------------------

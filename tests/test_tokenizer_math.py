@@ -106,11 +106,16 @@ def test_index_round_trip_and_eq10():
         tok.bits_to_index(torch.zeros(65))
 
 
-def test_codes_to_sequence_is_row_major_low_to_high():
-    codes = [torch.arange(2 * 1).reshape(1, 2, 1, 1), torch.arange(2 * 4).reshape(1, 2, 2, 2) + 10]
-    seq = tok.codes_to_sequence(codes)  # (B, L, d)
-    assert seq.shape == (1, 5, 2)
-    assert seq[0, :, 0].tolist() == [0, 10, 11, 12, 13] and seq[0, 2, 1].item() == 15  # (h=0, w=1), channel 1
+def test_bits_to_sequence_is_row_major_low_to_high():
+    """Token t of scale k sits at offset_k + row * w + col; its value is the code (2b - 1)/sqrt(d) of that bit."""
+    bits = [torch.randint(0, 2, (1, h, w, 2)) for h, w in [(1, 1), (2, 3)]]
+    seq = tok.bits_to_sequence(bits)  # (B, L, d)
+    assert seq.shape == (1, 7, 2)
+    for k, (b, off) in enumerate(zip(bits, [0, 1])):
+        for r in range(b.shape[1]):
+            for c in range(b.shape[2]):
+                want = (2 * b[0, r, c].float() - 1) / 2**0.5  # bits_to_codes renormalises: a few ulp
+                torch.testing.assert_close(seq[0, off + r * b.shape[2] + c], want, atol=0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.01, 0.1, 0.3])

@@ -34,10 +34,10 @@ def test_tiny_run_logs_and_checkpoint(tiny_run, tmp_path):
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == 4 and ckpt["model_config"]["use_hf_adapter"] and ckpt["model_config"]["codebook_dim"] == 8
     # everything sample.py needs comes back from the checkpoint alone
-    from sample import load_run
+    from pipeline import load_run
 
     loaded = load_run(os.path.join(out, "ckpt.pt"))
-    assert loaded["step"] == 4 and loaded["captions"]("a red face")["input_ids"][-1] == 1  # </s> appended
+    assert loaded.step == 4 and loaded.captions("a red face")["input_ids"][-1] == 1  # </s> appended
 
 
 def test_resume_equals_uninterrupted(tiny_run, tmp_path):

@@ -49,7 +49,7 @@ def test_face_mode_uses_mask_and_identity_network(tiny_manifest, tmp_path):
     base = str(tmp_path / "base")
     run(["--preset=tiny", f"--data_dir={tiny_manifest}", f"--out_dir={base}", "--device=cpu"])
     face = str(tmp_path / "face")
-    run(["--preset=tiny", f"--data_dir={tiny_manifest}", f"--out_dir={face}", "--device=cpu", "--face_loss=True",
+    run(["--preset=tiny", f"--data_dir={tiny_manifest}", f"--out_dir={face}", "--device=cpu", "--face_mask=True",
          f"--init_from={base}/ckpt.pt", "--id_weight=0.1", f"--id_net={tmp_path}/id.pth"])
     text = open(os.path.join(face, "log.txt")).read()
     assert "active loss terms ['l1', 'l2', 'vq', 'id'] (alpha 2.0)" in text and "id " in text
