@@ -117,9 +117,10 @@ def face_mask(boxes, height, width, alpha=2.0):
 
 
 class IBlock(nn.Module):
-    """Pre-activation IR block: BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus shortcut."""
+    """Pre-activation IR block: BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus a shortcut that is a
+    1x1 conv + BN (`conv_shortcut`) or parameter-free subsampling (AdaFace's MaxPool2d(1, stride) is exactly that)."""
 
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin, cout, stride, conv_shortcut):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
         self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
@@ -129,34 +130,47 @@ class IBlock(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
         self.stride = stride
         self.downsample = None
-        if stride != 1 or cin != cout:
+        if conv_shortcut:
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=1e-5))
 
     def forward(self, x):
         out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
         if self.downsample is not None:
             return out + self.downsample(x)
-        return out + x[:, :, :: self.stride, :: self.stride]  # AdaFace's MaxPool2d(1, stride) == subsampling
+        return out + x[:, :, :: self.stride, :: self.stride]  # ceil(H / stride) rows, as conv2 (k3, pad 1) gives
 
 
 class IResNet(nn.Module):
-    """IResNet-{18,34,50,100} [ArcFace] at 112x112 -> (B, 512). `layers` = blocks per stage, e.g. (3, 4, 14, 3)."""
+    """IResNet-{18,34,50,100} at 112x112 -> (B, 512) in one of two published layouts; `layers` = blocks per stage,
+    e.g. (3, 4, 14, 3). Stage widths are width * (1, 2, 4, 8); the first block of each stage has stride 2.
+      layout="arcface" [ArcFace] insightface arcface_torch iresnet: conv shortcut when stride != 1 or the width
+                       changes (so also in the first block, 64 -> 64); final BatchNorm1d affine; RGB input.
+      layout="adaface" [AdaFace] net.py BasicBlockIR: conv shortcut only when the width changes; final BatchNorm1d
+                       without affine; BGR input. Both take (x / 255 - 0.5) / 0.5. AdaFace's forward also returns
+                       the embedding norm (its quality proxy); the identity loss needs only the direction."""
 
-    def __init__(self, layers=(3, 4, 14, 3), width=64, emb_dim=512, input_size=112, bgr=False):
+    def __init__(self, layers=(3, 4, 14, 3), width=64, emb_dim=512, input_size=112, layout="arcface"):
         super().__init__()
+        if layout not in ("arcface", "adaface"):
+            raise ValueError(f"IResNet layout {layout!r}: choose arcface or adaface")
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width, eps=1e-5)
         self.prelu = nn.PReLU(width)
         chans, cin, stages = [width, 2 * width, 4 * width, 8 * width], width, []
         for n, c in zip(layers, chans):
-            stages.append(nn.Sequential(*[IBlock(cin if i == 0 else c, c, 2 if i == 0 else 1) for i in range(n)]))
-            cin = c
+            blocks = []
+            for i in range(n):
+                stride = 2 if i == 0 else 1
+                conv = cin != c or (stride != 1 and layout == "arcface")
+                blocks.append(IBlock(cin, c, stride, conv))
+                cin = c
+            stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.bn2 = nn.BatchNorm2d(cin, eps=1e-5)
         side = input_size // 16
         self.fc = nn.Linear(cin * side * side, emb_dim)
-        self.features = nn.BatchNorm1d(emb_dim, eps=1e-5)
-        self.input_size, self.bgr = input_size, bgr
+        self.features = nn.BatchNorm1d(emb_dim, eps=1e-5, affine=layout == "arcface")
+        self.input_size, self.layout, self.bgr = input_size, layout, layout == "adaface"
 
     def forward(self, x):
         """x (B, 3, H, W) RGB in [-1, 1] (any size; resized to input_size) -> L2-normalised (B, E)."""
@@ -166,11 +180,11 @@ class IResNet(nn.Module):
             x = x.flip(1)
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = self.features(self.fc(self.bn2(x).flatten(1)))
+        x = self.features(self.fc(self.bn2(x).flatten(1)))  # dropout before fc is off at inference
         return F.normalize(x, dim=-1)
 
 
-# AdaFace (github.com/mk-minchul/AdaFace net.py) names -> ours; its ckpt is a Lightning {"state_dict": {"model.*"}}.
+# AdaFace (github.com/mk-minchul/AdaFace net.py) names -> ours. output_layer = [BN2d, Dropout, Flatten, Linear, BN1d].
 _ADAFACE_RENAMES = [("input_layer.0.", "conv1."), ("input_layer.1.", "bn1."), ("input_layer.2.", "prelu."),
                     ("output_layer.0.", "bn2."), ("output_layer.3.", "fc."), ("output_layer.4.", "features."),
                     ("res_layer.0.", "bn1."), ("res_layer.1.", "conv1."), ("res_layer.2.", "bn2."),
@@ -178,50 +192,61 @@ _ADAFACE_RENAMES = [("input_layer.0.", "conv1."), ("input_layer.1.", "bn1."), ("
                     ("shortcut_layer.", "downsample.")]
 
 
+def _adaface_to_ours(sd):
+    """AdaFace `body.N.` blocks (numbered straight through) -> `layer{s}.{i}.`, stages split where the width
+    changes; all other names through _ADAFACE_RENAMES. Returns (state_dict, blocks per stage)."""
+    body = sorted({int(k.split(".")[1]) for k in sd if k.startswith("body.")})
+    widths = [sd[f"body.{i}.res_layer.1.weight"].shape[0] for i in body if f"body.{i}.res_layer.1.weight" in sd]
+    if len(widths) != len(body) or widths != sorted(widths) or len(set(widths)) != 4:
+        raise FaceError("AdaFace checkpoint: expected 4 stages of `body.N.res_layer` IR blocks (IR-18/34/50/101)")
+    stage_of = {c: s for s, c in enumerate(sorted(set(widths)))}
+    counts, prefix = [0, 0, 0, 0], {}
+    for i, c in zip(body, widths):
+        prefix[i] = f"layer{stage_of[c] + 1}.{counts[stage_of[c]]}."
+        counts[stage_of[c]] += 1
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("body."):
+            k = prefix[int(k.split(".")[1])] + k.split(".", 2)[2]
+        for a, b in _ADAFACE_RENAMES:
+            k = k.replace(a, b)
+        out[k] = v
+    return out, tuple(counts)
+
+
 def load_iresnet(path):
-    """Load a frozen face recognizer. Accepted formats (torch.load weights_only=True):
-      - insightface arcface_torch `backbone.pth` (plain state_dict: conv1, bn1, prelu, layer1..4, bn2, fc, features),
-        RGB input;
-      - AdaFace `adaface_ir{50,101}_*.ckpt` (Lightning dict with state_dict keys `model.input_layer...`), BGR input.
-    Depth (blocks per stage) is inferred from the keys."""
+    """Load a frozen face recognizer, strictly (every tensor of the file used, none missing). Formats
+    (torch.load weights_only=True):
+      - insightface arcface_torch `backbone.pth`: plain state_dict (conv1, bn1, prelu, layer1..4, bn2, fc, features);
+      - AdaFace `adaface_ir{18,50,101}_*.ckpt`: Lightning {"state_dict": {"model.input_layer...", "head.kernel"...}};
+        the margin head (`head.*`) is training-only and dropped.
+    Depth (blocks per stage), width, embedding size and input size are inferred from the tensors."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FaceError(f"cannot read face recognizer {path}: {type(e).__name__}") from None
-    sd = sd.get("state_dict", sd)
-    adaface = any(k.startswith("model.input_layer") or k.startswith("input_layer") for k in sd)
-    if adaface:
-        sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.startswith("head.")}
-        body = sorted({int(k.split(".")[1]) for k in sd if k.startswith("body.")})
-        chans = [sd[f"body.{i}.res_layer.1.weight"].shape[0] for i in body]
-        stage_of = {c: s for s, c in enumerate(sorted(set(chans)))}
-        counts, renamed, seen = [0, 0, 0, 0], {}, {}
-        for i, c in zip(body, chans):
-            s = stage_of[c]
-            seen[i] = f"layer{s + 1}.{counts[s]}."
-            counts[s] += 1
-        for k, v in sd.items():
-            if k.startswith("body."):
-                i = int(k.split(".")[1])
-                k = seen[i] + k.split(".", 2)[2]
-            for a, b in _ADAFACE_RENAMES:
-                k = k.replace(a, b)
-            renamed[k] = v
-        sd, layers = renamed, tuple(counts)
+    except Exception as e:  # e.g. a Lightning ckpt whose hyper-parameters are pickled objects
+        raise FaceError(f"cannot read face recognizer {path} with weights_only=True ({type(e).__name__}); "
+                        "re-save just its state_dict") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
+    layout = "adaface" if any(k.removeprefix("model.").startswith("input_layer.") for k in sd) else "arcface"
+    if layout == "adaface":
+        sd, layers = _adaface_to_ours({k.removeprefix("model."): v for k, v in sd.items() if not k.startswith("head.")})
     else:
         layers = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{s}.")}) for s in range(1, 5))
-    if "conv1.weight" not in sd or "fc.weight" not in sd:
-        raise FaceError(f"{path} is not an IResNet (arcface_torch) or AdaFace checkpoint: no conv1/fc weights found")
-    width = sd["conv1.weight"].shape[0]
-    side = int(round((sd["fc.weight"].shape[1] / (8 * width)) ** 0.5))
-    net = IResNet(layers, width, sd["fc.weight"].shape[0], input_size=side * 16, bgr=adaface)
-    if "features.weight" not in sd:  # AdaFace's final BatchNorm1d has affine=False
-        sd["features.weight"], sd["features.bias"] = torch.ones(net.fc.out_features), torch.zeros(net.fc.out_features)
-    missing, unexpected = net.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+    if "conv1.weight" not in sd or "fc.weight" not in sd or 0 in layers:
+        raise FaceError(f"{path} is not an IResNet (arcface_torch) or AdaFace checkpoint: no conv1/fc/layer weights")
+    width, (emb_dim, flat) = sd["conv1.weight"].shape[0], sd["fc.weight"].shape
+    side = int(round((flat / (8 * width)) ** 0.5))  # fc reads the (8 width, side, side) map of the last stage
+    if side < 1 or 8 * width * side * side != flat:
+        raise FaceError(f"{path}: fc input {flat} is not 8 x {width} channels x side^2 of an IResNet")
+    net = IResNet(layers, width, emb_dim, input_size=side * 16, layout=layout)
+    try:
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        name = str(e).split("size mismatch for ")[-1].split(":")[0]
+        raise FaceError(f"{path}: tensor {name} has the wrong shape for a {layout} IResNet{list(layers)}") from None
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # a counter, unused at inference
     if missing or unexpected:
-        raise FaceError(f"{path} is not an IResNet/AdaFace checkpoint: missing {missing[:4]}, "
+        raise FaceError(f"{path} does not match the {layout} IResNet{list(layers)} layout: missing {missing[:4]}, "
                         f"unexpected {unexpected[:4]}")
     return net.eval().requires_grad_(False)
 
