@@ -51,7 +51,7 @@ def _pack_folder(pack, root):
 def _rank_faces(faces, rel=0.5):
     """Every backend's multi-face policy: drop faces scoring under best - rel |best|, then largest first. Score first:
     on skimage's astronaut() HOG also fires on the mission patch (score 0.12, 89 px; the face: 1.16, 90 px); a real
-    second face scores like the first and is kept (detect_face warns). InsightFace keeps all (0.5 * best <= 0.5)."""
+    second face scores like the first and is kept (detect_face warns). InsightFace at det_thresh >= 0.5 keeps all."""
     best = max((f["score"] for f in faces), default=0.0)
     kept = [f for f in faces if f["score"] >= best - rel * abs(best)]
     return sorted(kept, key=lambda f: -float((f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])))

@@ -25,7 +25,7 @@ def shrink(image, side):
 
 @pytest.fixture(scope="module")
 def dlib_backend():
-    return fe.make_face_detector("dlib", log=None)
+    return fe.make_face_detector("dlib")
 
 
 def test_dlib_finds_the_astronaut_face_not_the_patch(dlib_backend):
