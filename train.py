@@ -215,7 +215,8 @@ def target_latents(run, cfg, indices, template):
     if todo:
         size, _, _ = geometry(cfg.pn, cfg.image_size, template, run.vae.cfg.patch_size)
         x = torch.stack([load_example(run.records[i], size)[0] for i in todo]).to(run.dist.device)
-        run.latents.update(zip(todo, run.vae.encode(x)))  # fp32: autocast is not entered for the frozen encoders
+        with torch.autocast(x.device.type, enabled=False):  # fp32, as the official code encodes
+            run.latents.update(zip(todo, run.vae.encode(x)))
     out = torch.stack([run.latents[i] for i in indices])
     if not cfg.cache_features:
         run.latents.clear()
