@@ -208,9 +208,14 @@ def _entropy(prob):
     return -(prob * torch.log(prob + 1e-8)).sum(-1)
 
 
-def bsq_aux_loss(inputs, commit_weight=0.25, entropy_weight=0.1, inv_temperature=100.0, gamma0=1.0, gamma=1.0,
-                 zeta=1.0):
-    """BSQ training regularisers (BitVAE code, [Infinity] notes 1.4), averaged over scales.
+# Inverse temperature of the soft bit assignment in the entropy terms, and the divisor of their weight: BitVAE's
+# default, which Infinity's VAE training kept ([Infinity] notes 1.4); the two entropies are weighted 1 : 1.
+ENTROPY_INV_TEMPERATURE = 100.0
+
+
+def bsq_aux_loss(inputs, commit_weight=0.25, entropy_weight=0.1):
+    """BSQ training regularisers [BSQ] as BitVAE's code computes them, averaged over scales: the commitment of the
+    normalised residual to its code, plus entropy_weight x (per-sample entropy - codebook entropy) / T^-1.
     inputs: per-scale residuals [(B, d, h, w)] (multiscale_bsq(...)["inputs"]) -> dict of scalars, "aux" = total."""
     terms = {"aux": [], "commitment": [], "per_sample_entropy": [], "codebook_entropy": []}
     for r in inputs:
@@ -218,13 +223,13 @@ def bsq_aux_loss(inputs, commit_weight=0.25, entropy_weight=0.1, inv_temperature
         z = F.normalize(r.float().permute(0, 2, 3, 1).reshape(-1, d), dim=-1)  # (N, d) on the unit sphere
         q = torch.where(z > 0, 1.0, -1.0) * (1.0 / d**0.5)  # the code, no gradient
         commit = F.mse_loss(z, q)
-        # soft bit probabilities; per-sample entropy low (confident bits), codebook entropy high (all codes used)
-        p = torch.sigmoid(-4 * z / math.sqrt(d) * inv_temperature)  # (N, d)
+        # soft P(bit = 0): the logit is the squared-distance gap to the codes -+1/sqrt(d), 4 z / sqrt(d), times T^-1.
+        # Low per-sample entropy = confident bits; high codebook entropy = every code used.
+        p = torch.sigmoid(-4 * z / math.sqrt(d) * ENTROPY_INV_TEMPERATURE)  # (N, d)
         prob = torch.stack([p, 1 - p], dim=-1)  # (N, d, 2)
         per_sample = _entropy(prob).sum(-1).mean()
         codebook = _entropy(prob.mean(0)).sum()
-        penalty = gamma0 * per_sample - gamma * codebook
-        aux = commit_weight * commit + zeta * penalty / inv_temperature * entropy_weight
+        aux = commit_weight * commit + entropy_weight * (per_sample - codebook) / ENTROPY_INV_TEMPERATURE
         for name, value in zip(terms, (aux, commit, per_sample, codebook)):
             terms[name].append(value)
     return {name: torch.stack(values).mean() for name, values in terms.items()}
@@ -457,10 +462,12 @@ class BSQVAE(nn.Module):
         """Multi-scale residual BSQ of h (B, d, H, W), default schedule small_schedule(H, W) -> dict (multiscale_bsq)"""
         return multiscale_bsq(h, schedule if schedule is not None else small_schedule(*h.shape[-2:]))
 
-    def forward(self, x, schedule=None, **aux_weights):
-        """Image -> (reconstruction (B, 3, H*p, W*p), not clamped as the official forward; dict of aux losses)."""
-        q = self.quantize(self.encode(x), schedule)
-        return self.decode(q["z"], clamp=False), bsq_aux_loss(q["inputs"], **aux_weights)
+    def forward(self, x, schedule=None):
+        """One training pass: image (B, 3, H*p, W*p) -> (raw features (B, d, H, W), the multiscale_bsq dict,
+        reconstruction (B, 3, H*p, W*p) not clamped, as the official forward). The loss needs all three."""
+        features = self.encode(x)
+        q = self.quantize(features, schedule)
+        return features, q, self.decode(q["z"], clamp=False)
 
 
 # -----------------------------------------------------------------------------

@@ -177,9 +177,7 @@ def average_gradients(params, world_size):
 def train_step(vae, loss_fn, opt, params, x, boxes, schedule, cfg, world_size):
     """One optimizer step on this rank's images x (B, 3, H, W) -> (loss, {term: value})."""
     with autocast(x.device, cfg.dtype):
-        features = vae.encode(x)  # (B, d, h, w)
-        q = vae.quantize(features, schedule)
-        recon = vae.decode(q["z"], clamp=False)
+        features, q, recon = vae(x, schedule)  # (B, d, h, w), quantizer outputs, (B, 3, H, W)
     aux = tok.bsq_aux_loss(q["inputs"], commit_weight=cfg.commit_weight, entropy_weight=cfg.entropy_weight)
     loss, terms = loss_fn(recon.float(), x, boxes, aux["aux"], features)  # Eq. (1)
     opt.zero_grad(set_to_none=True)

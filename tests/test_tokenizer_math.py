@@ -198,9 +198,9 @@ def test_bsqvae_api_small():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     h = vae.encode(x)
     assert h.shape == (2, 8, 8, 8) and h.dtype == torch.float32
-    recon, losses = vae(x)  # default schedule small_schedule(8, 8)
-    assert recon.shape == x.shape and "aux" in losses
-    (recon.square().mean() + losses["aux"]).backward()
+    features, q, recon = vae(x)  # default schedule small_schedule(8, 8)
+    assert recon.shape == x.shape and torch.equal(features, h) and q["z"].shape == h.shape
+    (recon.square().mean() + tok.bsq_aux_loss(q["inputs"])["aux"]).backward()
     assert vae.encoder.conv_in.conv.weight.grad is not None
     assert vae.decode(h).abs().max() <= 1
     assert tok.load_infinity_vae(vae.state_dict()).cfg == cfg  # architecture (patch 4, 3 levels) inferred back
