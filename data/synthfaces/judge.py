@@ -20,9 +20,11 @@ Held-out checks written to <data_dir>/judge_metrics.json: identity top-1 over th
 images of those identities, verification ROC AUC on the never-seen TEST identities, accuracy of every attribute
 head and mean IoU of the detector on held-out images.
 
-  python data/synthfaces/judge.py                # default data: about 2 min on 2 free CPU cores (--threads=1 if shared)
-  python data/synthfaces/judge.py --preset=tiny --data_dir=/tmp/synthfaces_tiny
-  python data/synthfaces/judge.py --force=True --device=cuda       # retrain even if judge.pt exists
+A library (eval.py and train_tokenizer.py load the trained judge with load_judge) with a command line that trains it,
+run from the repo root as a module:
+  python -m data.synthfaces.judge                # default data: about 2 min on 2 free CPU cores (--threads=1 if shared)
+  python -m data.synthfaces.judge --preset=tiny --data_dir=/tmp/synthfaces_tiny
+  python -m data.synthfaces.judge --force=True --device=cuda       # retrain even if judge.pt exists
 
 Python API (eval.py, face_encoder.py): judge = load_judge(path, device); judge.detect(images) -> boxes;
 judge.crop(images, boxes, size); judge.embed(x, which="eval"|"loss"); judge.classify(images) -> {attr: logits};
@@ -31,7 +33,6 @@ judge.face_sim(generated, reference_crops) -> (B,) cosine. Images are (B, 3, H, 
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -42,11 +43,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable (for `common`)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from common import UserError, cli, config_dict, load_checkpoint, log, save_checkpoint  # noqa: E402
-from data.synthfaces.prepare import ATTRIBUTES  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402  (the manifest format is defined once, there)
+from common import UserError, cli, config_dict, load_checkpoint, log, save_checkpoint
+from data.manifest import read_manifest
+from data.synthfaces.captions import ATTRIBUTES
 
 
 @dataclass
@@ -420,7 +419,7 @@ def train(cfg, ckpt_path):
     metrics_path = os.path.join(cfg.data_dir, "judge_metrics.json")
     meta_path = os.path.join(cfg.data_dir, "meta.json")
     if not os.path.isfile(meta_path):
-        raise UserError(f"{meta_path} does not exist; run python data/synthfaces/prepare.py first")
+        raise UserError(f"{meta_path} does not exist; run python -m data.synthfaces.prepare first")
     with open(meta_path) as f:
         meta = json.load(f)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -545,7 +544,7 @@ if __name__ == "__main__":
     cli(main, Config, PRESETS)
 
 # -----------------------------------------------------------------------------
-# Expected output on the default data (prepare.py defaults, seed 1337), `python data/synthfaces/judge.py --force=True`
+# Expected output on the default data (prepare.py defaults, seed 1337), `python -m data.synthfaces.judge --force=True`
 # on 2 CPU cores (AMD EPYC, 2 torch threads), lightly loaded machine:
 #   data: 3900 train / 900 held-out images of 300 train identities, 400 images of test identities
 #   scene 8 epochs ~28 s, face 12 epochs 23 s, id_loss 12 epochs 27 s, id_eval 12 epochs 44 s; trained in 127 s,

@@ -3,37 +3,35 @@ synthfaces: the embedded procedural identity dataset of the HEAR quick start (de
 
 An *identity* is a seed that fixes face shape, skin tone, eyes (shape, size, spacing, iris colour), brows, nose,
 mouth, ears, hair style and colour, facial hair, and a fine mole/freckle pattern that is 1-2 px at 64x64, so only the
-finest token scales can carry it. Every *image* of an identity varies only what a prompt controls (ATTRIBUTES below).
+finest token scales can carry it. Every *image* of an identity varies only what a prompt controls (captions.ATTRIBUTES).
 Each image gets a short and a long caption of those attributes (never of the identity: that must come from the
 reference face, as in HEAR), the exact face box, and an aligned square face crop (the `--face` reference image).
 Train and test identities are disjoint; test identities are for zero-shot evaluation only.
 
-Run from the repo root (numpy + PIL for the pixels, `tokenizers` for the vocabulary; no download; every output byte
-is a function of the config, whatever the number of workers):
-  python data/synthfaces/prepare.py                           # 300 train ids x 16 + 50 test ids x 8 images, 64x64
-  python data/synthfaces/prepare.py --preset=tiny --out_dir=/tmp/synthfaces_tiny
-  python data/synthfaces/prepare.py --resolution=128 --crop_size=128 --out_dir=data/synthfaces/out128
+Run from the repo root, as a module (numpy + PIL for the pixels, `tokenizers` for the vocabulary; no download; every
+output byte is a function of the config, whatever the number of workers):
+  python -m data.synthfaces.prepare                           # 300 train ids x 16 + 50 test ids x 8 images, 64x64
+  python -m data.synthfaces.prepare --preset=tiny --out_dir=/tmp/synthfaces_tiny
+  python -m data.synthfaces.prepare --resolution=128 --crop_size=128 --out_dir=data/synthfaces/out128
 
 Outputs in out_dir: images/<id>_<k>.png, crops/<id>_<k>.png, manifest.jsonl (one image per line), tokenizer.json
 (word-level, T5 special tokens <pad>=0 </s>=1 <unk>=2, appends </s>), meta.json, contact_sheet.png (rows = identities,
-cols = contexts; also copied to assets/). The manifest follows the format of train.py (read it with
-train.read_manifest); other scripts use ATTRIBUTES, build_caption, parse_caption, load_text_tokenizer from here.
+cols = contexts; also copied to assets/). The manifest follows data/manifest.py (read it with read_manifest); the
+attribute vocabulary, the captions and the tokenizer are defined in data/synthfaces/captions.py.
 """
 
 import json
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable (for `common`)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from common import UserError, cli, config_dict, log  # noqa: E402
+from common import UserError, cli, config_dict, log
+from data.synthfaces.captions import ATTRIBUTES, build_caption, build_tokenizer
 
 
 @dataclass
@@ -59,102 +57,6 @@ PRESETS = {
     "tiny": dict(train_ids=12, test_ids=4, train_images=8, test_images=4, sheet_ids=4, sheet_contexts=4,
                  sheet_copy="", workers=1, out_dir="out/synthfaces_tiny"),
 }
-
-# -----------------------------------------------------------------------------
-# What a prompt controls: attribute -> values. accessory_color is "none" iff accessory is "none".
-
-ATTRIBUTES = {
-    "background": ["red", "orange", "yellow", "green", "teal", "blue", "purple", "pink"],
-    "clothing": ["red", "blue", "green", "yellow", "black", "white"],
-    "accessory": ["none", "hat", "glasses", "earrings"],
-    "accessory_color": ["none", "red", "blue", "gold", "black"],
-    "expression": ["neutral", "smiling", "surprised", "angry"],
-    "position": ["left", "center", "right"],
-    "size": ["small", "medium", "large"],
-    "lighting": ["even", "left", "right"],
-    "style": ["photo", "flat", "sketch"],
-}
-
-# Captions: the same facts at two levels of detail (HEAR App. C: a short tag-like prompt, then an expansion with
-# expression, clothing and spatial detail). Every phrase is unique to its value, so parse_caption can invert them.
-SHORT = {
-    "style": {"photo": "photo of", "flat": "flat illustration of", "sketch": "pencil sketch of"},
-    "expression": {"neutral": "a calm person", "smiling": "a smiling person", "surprised": "a surprised person",
-                   "angry": "an angry person"},
-    "clothing": "in a {} shirt",
-    "accessory": {"none": "with no accessories", "hat": "with a {} hat", "glasses": "with {} glasses",
-                  "earrings": "with {} earrings"},
-    "size": {"small": "small face", "medium": "medium face", "large": "large face"},
-    "position": {"left": "on the left", "center": "in the center", "right": "on the right"},
-    "lighting": {"even": "even light", "left": "lit from the left", "right": "lit from the right"},
-    "background": "{} background",
-}
-LONG = {
-    "style": {"photo": "A realistic photograph of", "flat": "A flat vector illustration of",
-              "sketch": "A colored pencil sketch of"},
-    "expression": {"neutral": "a person with a calm, neutral expression and relaxed brows",
-                   "smiling": "a person with a broad smile and lifted cheeks",
-                   "surprised": "a person with a surprised look, raised brows and an open mouth",
-                   "angry": "a person with an angry frown and lowered brows"},
-    "clothing": "wearing a {} crew-neck shirt",
-    "accessory": {"none": "and no accessories", "hat": "and a {} brimmed hat", "glasses": "and {} round glasses",
-                  "earrings": "and small {} drop earrings"},
-    "size": {"small": "The head is small and far from the camera",
-             "medium": "The head is at a medium distance from the camera",
-             "large": "The head is a large close-up near the camera"},
-    "position": {"left": "placed on the left side of the frame", "center": "placed in the middle of the frame",
-                 "right": "placed on the right side of the frame"},
-    "lighting": {"even": "Soft, even light falls on the whole scene", "left": "Warm light falls from the left side",
-                 "right": "Warm light falls from the right side"},
-    "background": "in front of a plain {} wall",
-}
-
-
-def _phrases(table, attrs):
-    """The phrase of every attribute under one table (SHORT or LONG)."""
-    acc = table["accessory"][attrs["accessory"]].format(attrs["accessory_color"])
-    return dict(style=table["style"][attrs["style"]], expression=table["expression"][attrs["expression"]],
-                clothing=table["clothing"].format(attrs["clothing"]), accessory=acc,
-                size=table["size"][attrs["size"]], position=table["position"][attrs["position"]],
-                lighting=table["lighting"][attrs["lighting"]],
-                background=table["background"].format(attrs["background"]))
-
-
-def build_caption(attrs, long=False):
-    """Attributes {name: value} -> the short (default) or long caption. Eval/sample use it to write prompts."""
-    p = _phrases(LONG if long else SHORT, attrs)
-    if long:
-        return (f"{p['style']} {p['expression']}, {p['clothing']} {p['accessory']}. {p['size']}, {p['position']}. "
-                f"{p['lighting']}, {p['background']}.")
-    return (f"{p['style']} {p['expression']} {p['clothing']} {p['accessory']}, {p['size']} {p['position']}, "
-            f"{p['lighting']}, {p['background']}")
-
-
-def parse_caption(text):
-    """Caption (short or long) -> attributes {name: value}; raises ValueError unless every attribute matches once."""
-    text = text.lower()
-    found = {}
-    for table in (SHORT, LONG):
-        for name in ("style", "expression", "size", "position", "lighting"):
-            for value, phrase in table[name].items():
-                if phrase.lower() in text:
-                    found.setdefault(name, set()).add(value)
-        for name in ("clothing", "background"):
-            for value in ATTRIBUTES[name]:
-                if table[name].format(value).lower() in text:
-                    found.setdefault(name, set()).add(value)
-        for acc, phrase in table["accessory"].items():
-            for color in (["none"] if acc == "none" else ATTRIBUTES["accessory_color"][1:]):
-                if phrase.format(color).lower() in text:
-                    found.setdefault("accessory", set()).add((acc, color))
-    bad = [n for n in ("style", "expression", "size", "position", "lighting", "clothing", "background", "accessory")
-           if len(found.get(n, ())) != 1]
-    if bad:
-        raise ValueError(f"caption does not name exactly one value of {bad}: {text!r}")
-    attrs = {n: next(iter(v)) for n, v in found.items()}
-    attrs["accessory"], attrs["accessory_color"] = attrs["accessory"]
-    return {n: attrs[n] for n in ATTRIBUTES}
-
 
 # -----------------------------------------------------------------------------
 # Identity traits (fixed per identity) and per-image attributes
@@ -503,44 +405,6 @@ def _render_identity(job):
     return records
 
 
-def build_tokenizer():
-    """Word-level caption tokenizer (T5 conventions: <pad>=0, </s>=1, <unk>=2, '</s>' appended), lower-cased,
-    split on whitespace and punctuation. The vocabulary covers every phrase of every attribute value, so any
-    build_caption output is in-vocabulary whatever the sampled data."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    pre = pre_tokenizers.Whitespace()  # regex \w+|[^\w\s]+
-    words = set()
-    for name, values in ATTRIBUTES.items():
-        for value in values:
-            attrs = {n: v[1] for n, v in ATTRIBUTES.items()}  # any valid base context
-            attrs[name] = value
-            if value == "none" and name in ("accessory", "accessory_color"):
-                attrs["accessory"], attrs["accessory_color"] = "none", "none"
-            for long in (False, True):
-                words.update(w for w, _ in pre.pre_tokenize_str(build_caption(attrs, long).lower()))
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in sorted(words):
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
-    return tok
-
-
-def load_text_tokenizer(data_dir):
-    """tokenizer.json -> transformers PreTrainedTokenizerFast with the T5 special tokens set."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = os.path.join(data_dir, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist; run python data/synthfaces/prepare.py --out_dir={data_dir}")
-    return PreTrainedTokenizerFast(tokenizer_file=path, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
 def contact_sheet(cfg, rows):
     """Rows = identities [(split, ordinal)], cols = the reference crop, then cfg.sheet_contexts fixed contexts."""
     rng = np.random.default_rng([cfg.seed, 2])
@@ -622,7 +486,7 @@ if __name__ == "__main__":
     cli(main, Config, PRESETS)
 
 # -----------------------------------------------------------------------------
-# Expected output, default config (seed 1337), `python data/synthfaces/prepare.py` on 2 CPU cores (AMD EPYC):
+# Expected output, default config (seed 1337), `python -m data.synthfaces.prepare` on 2 CPU cores (AMD EPYC):
 #   rendered 5200 images of 350 identities in 10.6s (2 workers); 12.9 s wall with imports (22 s with --workers=1;
 #   the same bytes either way)
 #   train: 300 identities x 16 images = 4800; test: 50 identities x 8 images = 400 (identities id0300-id0349)
