@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import face_encoder as fe
 from common import UserError, cli, config_dict, load_checkpoint, log, save_checkpoint
 from data.manifest import read_manifest
 from data.synthfaces.captions import ATTRIBUTES
@@ -213,20 +214,6 @@ class CosFaceHead(nn.Module):
         return scale * cos
 
 
-def crop_faces(images, boxes, size, margin):
-    """Differentiable square crops: images (B, 3, H, W), boxes (B, 4) pixels [x0, y0, x1, y1] -> (B, 3, size, size).
-    Side = margin * max(box w, box h) around the box centre; outside the image the border is repeated (as prepare.py
-    does for the reference crops)."""
-    B, _, H, W = images.shape
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    half = margin * torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 2
-    theta = torch.zeros(B, 2, 3, device=images.device, dtype=images.dtype)  # output [-1, 1] -> input [-1, 1]
-    theta[:, 0, 0], theta[:, 0, 2] = 2 * half / W, 2 * cx / W - 1
-    theta[:, 1, 1], theta[:, 1, 2] = 2 * half / H, 2 * cy / H - 1
-    grid = F.affine_grid(theta, (B, 3, size, size), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def resize(x, size):
     """(B, 3, h, w) -> (B, 3, size, size), antialiased bilinear (differentiable); no-op at the right size."""
     if x.shape[-2:] == (size, size):
@@ -256,7 +243,7 @@ class Judge(nn.Module):
 
     def crop(self, images, boxes, size=None):
         """(B, 3, H, W), (B, 4) pixels -> aligned face crops (B, 3, size, size) (default id_size)."""
-        return crop_faces(images, boxes, size or self.id_size, self.crop_margin)
+        return fe.square_crop(images, boxes, self.crop_margin, size or self.id_size)
 
     def embed(self, x, which="eval"):
         """Face crops (or reference crops) (B, 3, h, w) in [-1, 1] -> (B, E) L2-normalised. which = eval | loss."""
@@ -454,7 +441,7 @@ def train(cfg, ckpt_path):
     def face_crops(idx, gen):
         """Crops around jittered true boxes (the detector is never exact), (B, 3, id_size, id_size)."""
         boxes = jitter_boxes(tr["boxes"][idx].cpu(), cfg.box_jitter, gen).to(device)
-        return crop_faces(to_float(tr["images"][idx]), boxes, cfg.id_size, meta["crop_margin"])
+        return fe.square_crop(to_float(tr["images"][idx]), boxes, meta["crop_margin"], cfg.id_size)
 
     # 1. scene net: face box (L1 on the corners as fractions of the side) + the scene attributes
     def scene_step(idx, gen):

@@ -28,9 +28,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from common import UserError, cli, config_dict, log
+from face_encoder import square_box
 from data.synthfaces.captions import ATTRIBUTES, build_caption, build_tokenizer
 
 
@@ -428,16 +430,14 @@ def _shade(c, attrs):
 
 def _downsample_and_crop(img, c, face_box, resolution, crop_size, crop_margin, rng):
     """Box-filter the canvas down to the image, and cut the reference crop from the canvas (sharper than the image,
-    like a close-up reference photo), edge-padded so faces near the border still get a full square crop; photo
-    style adds sensor noise to both. Returns (image, crop, face box in image pixels)."""
-    R = c.R
+    like a close-up reference photo): the window is face_encoder.square_box, the one framing of every face crop,
+    and the canvas is edge-padded so faces near the border still get a full square crop. Photo style adds sensor
+    noise to both. Returns (image, crop, face box in image pixels)."""
     image = img.resize((resolution, resolution), Image.BOX)
-    cx, cy = (face_box[0] + face_box[2]) / 2, (face_box[1] + face_box[3]) / 2
-    half = crop_margin * max(face_box[2] - face_box[0], face_box[3] - face_box[1]) / 2
-    pad = int(np.ceil(max(half - min(cx, cy), half - (R - max(cx, cy)), 0))) + 1
-    canvas = Image.fromarray(np.pad(np.asarray(img), ((pad, pad), (pad, pad), (0, 0)), mode="edge")) if pad else img
-    crop = canvas.resize((crop_size, crop_size), Image.BOX, box=(cx - half + pad, cy - half + pad,
-                                                                 cx + half + pad, cy + half + pad))
+    x0, y0, x1, y1 = square_box(torch.tensor(face_box, dtype=torch.float64), crop_margin).tolist()  # the crop window
+    pad = int(np.ceil(max(-x0, -y0, x1 - c.R, y1 - c.R, 0))) + 1
+    canvas = Image.fromarray(np.pad(np.asarray(img), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+    crop = canvas.resize((crop_size, crop_size), Image.BOX, box=(x0 + pad, y0 + pad, x1 + pad, y1 + pad))
     if c.style == "photo" and rng is not None:  # sensor noise
         image, crop = (Image.fromarray(np.clip(np.asarray(im, np.float32) + rng.normal(0, 3.0, (*im.size[::-1], 3)),
                                                0, 255).round().astype(np.uint8)) for im in (image, crop))
