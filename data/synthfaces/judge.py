@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import face_encoder as fe
-from common import UserError, cli, config_dict, load_checkpoint, log, save_checkpoint
+from common import UserError, cli, config_dict, load_checkpoint, log, lr_schedule, resolve_device, save_checkpoint
 from data.manifest import read_manifest
 from data.synthfaces.captions import ATTRIBUTES
 
@@ -354,24 +354,19 @@ def roc_auc(scores, labels):
 # Training
 
 
-def schedule(step, total, lr):
-    """Linear warmup over the first 5% of steps, then cosine decay to 0."""
-    warm = max(1, total // 20)
-    return lr * step / warm if step < warm else lr * 0.5 * (1 + np.cos(np.pi * (step - warm) / max(1, total - warm)))
-
-
 def fit(name, params, n, epochs, cfg, step_fn, seed):
     """The one training loop of every net: shuffle n samples per epoch, step_fn(idx, gen) -> (loss, acc)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, n // cfg.batch_size)
     total, step, history = epochs * steps_per_epoch, 0, []
+    warmup = max(1, total // 20)  # linear warmup over 5% of the steps, then cosine decay to 0
     bar = tqdm(total=total, desc=name, leave=False, mininterval=1.0)
     for epoch in range(epochs):
         perm, losses, accs = torch.randperm(n, generator=gen), [], []
         for i in range(steps_per_epoch):
             for g in opt.param_groups:
-                g["lr"] = schedule(step, total, cfg.lr)
+                g["lr"] = lr_schedule(step, cfg.lr, warmup, total)
             loss, acc = step_fn(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size], gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -403,32 +398,63 @@ def main(cfg):
 def train(cfg, ckpt_path):
     """Train all four nets on the train identities, evaluate on held-out images, save judge.pt + metrics."""
     t0 = time.time()
-    metrics_path = os.path.join(cfg.data_dir, "judge_metrics.json")
-    meta_path = os.path.join(cfg.data_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise UserError(f"{meta_path} does not exist; run python -m data.synthfaces.prepare first")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    meta = read_meta(cfg.data_dir)
+    device = resolve_device(cfg.device)
     print(json.dumps(config_dict(cfg), indent=1))
     data, n_ids = load_split(cfg.data_dir, cfg.holdout_per_id)
-    tr = {k: v.to(device) for k, v in data["train"].items()}
     R = meta["resolution"]
-    log(f"data: {len(tr['ids'])} train / {len(data['held']['ids'])} held-out images of {n_ids} train identities, "
-        f"{len(data['test']['ids'])} images of test identities | {R}x{R}, torch threads {torch.get_num_threads()}")
-
+    log(f"data: {len(data['train']['ids'])} train / {len(data['held']['ids'])} held-out images of {n_ids} train "
+        f"identities, {len(data['test']['ids'])} images of test identities | {R}x{R}, "
+        f"torch threads {torch.get_num_threads()}")
     judge_config = dict(resolution=R, id_size=cfg.id_size, crop_margin=meta["crop_margin"], embed_dim=cfg.embed_dim,
                         n_ids=n_ids, attributes=ATTRIBUTES, scene_width=cfg.scene_width, id_width=cfg.id_width)
-    torch.manual_seed(cfg.seed)
+    judge = init_judge(judge_config, cfg.seed, device)
+    history = train_nets(judge, {k: v.to(device) for k, v in data["train"].items()}, cfg, device)
+    train_time = time.time() - t0
+    judge.eval().requires_grad_(False)
+    metrics = evaluate(judge, data, device)
+    metrics.update(train_time_s=round(train_time, 1), history={k: [[round(loss, 4), round(a, 4)] for loss, a in v]
+                                                               for k, v in history.items()})
+    save_checkpoint(dict(model=judge.state_dict(), judge_config=judge_config, config=config_dict(cfg),
+                         metrics=metrics), ckpt_path)
+    metrics_path = os.path.join(cfg.data_dir, "judge_metrics.json")
+    with open(metrics_path, "w") as f:
+        f.write(json.dumps(metrics, indent=1) + "\n")
+    log(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=1))
+    ok = (metrics["id_top1_eval"] >= TARGETS["id_top1"] and metrics["test_auc_eval"] >= TARGETS["test_auc"]
+          and min(metrics["attribute_acc"].values()) >= TARGETS["attribute_acc"])
+    log(f"judge {'meets' if ok else 'MISSES'} the targets {TARGETS} | wrote {ckpt_path} and {metrics_path} "
+        f"| trained in {train_time:.0f}s, total {time.time() - t0:.0f}s")
+    return metrics
+
+
+def read_meta(data_dir):
+    """<data_dir>/meta.json of prepare.py (resolution and crop framing of the data)."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; run python -m data.synthfaces.prepare first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def init_judge(judge_config, seed, device):
+    """A new Judge in train mode; each net gets its own initialisation seed (scene: seed, id_loss: seed+1,
+    id_eval: seed+2, face attributes: seed+3), so changing one net leaves the others' starting weights alone."""
+    torch.manual_seed(seed)
     judge = Judge(**judge_config).to(device)
-    nets = [(cfg.seed, [judge.scene]), (cfg.seed + 1, [judge.id_loss, judge.loss_head]),
-            (cfg.seed + 2, [judge.id_eval, judge.eval_head]), (cfg.seed + 3, [judge.face])]
-    for seed, modules in nets:
-        torch.manual_seed(seed)  # each net gets its own initialisation seed
+    nets = [(seed, [judge.scene]), (seed + 1, [judge.id_loss, judge.loss_head]),
+            (seed + 2, [judge.id_eval, judge.eval_head]), (seed + 3, [judge.face])]
+    for net_seed, modules in nets:
+        torch.manual_seed(net_seed)
         for m in (m for module in modules for m in module.modules()):
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-    judge.train()
+    return judge.train()
+
+
+def train_nets(judge, tr, cfg, device):
+    """The four training runs on the train tensors tr (load_split's "train", on device), in order: scene net, face
+    attribute net, id_loss, id_eval. Returns {net: [(mean loss, mean train accuracy) per epoch]}."""
     n_train, history = len(tr["ids"]), {}
     col = {name: a for a, name in enumerate(ATTRIBUTES)}  # attribute -> column of tr["attrs"]
 
@@ -441,7 +467,7 @@ def train(cfg, ckpt_path):
     def face_crops(idx, gen):
         """Crops around jittered true boxes (the detector is never exact), (B, 3, id_size, id_size)."""
         boxes = jitter_boxes(tr["boxes"][idx].cpu(), cfg.box_jitter, gen).to(device)
-        return fe.square_crop(to_float(tr["images"][idx]), boxes, meta["crop_margin"], cfg.id_size)
+        return judge.crop(to_float(tr["images"][idx]), boxes)
 
     # 1. scene net: face box (L1 on the corners as fractions of the side) + the scene attributes
     def scene_step(idx, gen):
@@ -449,7 +475,7 @@ def train(cfg, ckpt_path):
         x = x + 0.03 * torch.randn(x.shape, generator=gen).to(device)  # a little noise: robustness on generated images
         box, logits = judge.scene(x)
         loss, acc = attribute_loss(logits, idx)
-        return loss + cfg.box_weight * F.l1_loss(box, tr["boxes"][idx] / R), acc
+        return loss + cfg.box_weight * F.l1_loss(box, tr["boxes"][idx] / judge.resolution), acc
 
     history["scene"] = fit("scene", judge.scene.parameters(), n_train, cfg.scene_epochs, cfg, scene_step, cfg.seed)
 
@@ -475,22 +501,7 @@ def train(cfg, ckpt_path):
                                    ("id_eval", judge.id_eval, judge.eval_head, cfg.seed + 2)]:
         params = list(net.parameters()) + list(head.parameters())
         history[which] = fit(which, params, n_train, cfg.id_epochs, cfg, id_step(net, head), seed)
-    train_time = time.time() - t0
-    judge.eval().requires_grad_(False)
-    metrics = evaluate(judge, data, device)
-    metrics.update(train_time_s=round(train_time, 1), history={k: [[round(loss, 4), round(a, 4)] for loss, a in v]
-                                                               for k, v in history.items()})
-    save_checkpoint(dict(model=judge.state_dict(), judge_config=judge_config, config=config_dict(cfg),
-                         metrics=metrics), ckpt_path)
-    with open(metrics_path, "w") as f:
-        f.write(json.dumps(metrics, indent=1) + "\n")
-    summary = {k: v for k, v in metrics.items() if k != "history"}
-    log(json.dumps(summary, indent=1))
-    ok = (metrics["id_top1_eval"] >= TARGETS["id_top1"] and metrics["test_auc_eval"] >= TARGETS["test_auc"]
-          and min(metrics["attribute_acc"].values()) >= TARGETS["attribute_acc"])
-    log(f"judge {'meets' if ok else 'MISSES'} the targets {TARGETS} | wrote {ckpt_path} and {metrics_path} "
-        f"| trained in {train_time:.0f}s, total {time.time() - t0:.0f}s")
-    return metrics
+    return history
 
 
 @torch.no_grad()
