@@ -12,7 +12,7 @@ TRAIN identities only, once, and cached next to the data in <data_dir>/judge.pt.
   id_eval  identity embedding, residual net, seed+2: the FaceSim evaluator. A different architecture and seed, so the
            generator is never scored by the network it was trained against (design.md section 5)
 
-Both identity nets see square face crops (side = crop_margin * max(box w, h), the same framing as prepare.py's
+Both identity nets see square face crops (side = crop_scale * max(box w, h), the same framing as prepare.py's
 reference crops) resized to id_size, and are trained as classifiers over the train identities with a CosFace head
 (logit = s * (cos - m) on the true class [CosFace] arXiv:1801.09414); the embedding is the L2-normalised feature.
 
@@ -224,10 +224,10 @@ def resize(x, size):
 class Judge(nn.Module):
     """Container of the three trained networks plus the framing constants they were trained with."""
 
-    def __init__(self, resolution, id_size, crop_margin, embed_dim, n_ids, attributes=ATTRIBUTES, scene_width=24,
+    def __init__(self, resolution, id_size, crop_scale, embed_dim, n_ids, attributes=ATTRIBUTES, scene_width=24,
                  id_width=16):
         super().__init__()
-        self.resolution, self.id_size, self.crop_margin = resolution, id_size, crop_margin
+        self.resolution, self.id_size, self.crop_scale = resolution, id_size, crop_scale
         self.attributes = {k: list(v) for k, v in attributes.items()}
         self.scene = SceneNet(resolution, {k: self.attributes[k] for k in SCENE_ATTRIBUTES}, scene_width)
         self.face = FaceAttrNet(id_size, {k: self.attributes[k] for k in FACE_ATTRIBUTES}, id_width)
@@ -243,7 +243,7 @@ class Judge(nn.Module):
 
     def crop(self, images, boxes, size=None):
         """(B, 3, H, W), (B, 4) pixels -> aligned face crops (B, 3, size, size) (default id_size)."""
-        return fe.square_crop(images, boxes, self.crop_margin, size or self.id_size)
+        return fe.square_crop(images, boxes, self.crop_scale, size or self.id_size)
 
     def embed(self, x, which="eval"):
         """Face crops (or reference crops) (B, 3, h, w) in [-1, 1] -> (B, E) L2-normalised. which = eval | loss."""
@@ -272,6 +272,8 @@ class Judge(nn.Module):
 def load_judge(path, device="cpu"):
     """judge.pt -> Judge in eval mode with frozen weights (inputs can still take gradients, for id_loss)."""
     ckpt = load_checkpoint(path, map_location="cpu")
+    if "crop_scale" not in ckpt["judge_config"]:  # written before crop_margin was renamed crop_scale
+        raise UserError(f"{path} is from an older judge.py; retrain it: python -m data.synthfaces.judge --force=True")
     judge = Judge(**ckpt["judge_config"])
     judge.load_state_dict(ckpt["model"])
     return judge.to(device).eval().requires_grad_(False)
@@ -406,7 +408,7 @@ def train(cfg, ckpt_path):
     log(f"data: {len(data['train']['ids'])} train / {len(data['held']['ids'])} held-out images of {n_ids} train "
         f"identities, {len(data['test']['ids'])} images of test identities | {R}x{R}, "
         f"torch threads {torch.get_num_threads()}")
-    judge_config = dict(resolution=R, id_size=cfg.id_size, crop_margin=meta["crop_margin"], embed_dim=cfg.embed_dim,
+    judge_config = dict(resolution=R, id_size=cfg.id_size, crop_scale=meta["crop_scale"], embed_dim=cfg.embed_dim,
                         n_ids=n_ids, attributes=ATTRIBUTES, scene_width=cfg.scene_width, id_width=cfg.id_width)
     judge = init_judge(judge_config, cfg.seed, device)
     history = train_nets(judge, {k: v.to(device) for k, v in data["train"].items()}, cfg, device)
@@ -434,7 +436,10 @@ def read_meta(data_dir):
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist; run python -m data.synthfaces.prepare first")
     with open(path) as f:
-        return json.load(f)
+        meta = json.load(f)
+    if "crop_scale" not in meta:  # written before crop_margin was renamed crop_scale
+        raise UserError(f"{path} is from an older prepare.py; rerun python -m data.synthfaces.prepare")
+    return meta
 
 
 def init_judge(judge_config, seed, device):

@@ -46,7 +46,7 @@ class Config:
     test_images: int = 8  # images per test identity
     resolution: int = 64  # image side in pixels
     crop_size: int = 64  # side of the aligned square face crop (64 = the tokenizer resolution of the quick start)
-    crop_margin: float = 1.4  # crop side = crop_margin * max(face box w, h), centred on the face box
+    crop_scale: float = 1.4  # crop side = crop_scale * max(face box w, h), centred on it (face_encoder.square_box)
     supersample: int = 4  # draw at resolution * supersample, then box-filter down (anti-aliasing)
     sheet_ids: int = 8  # contact sheet rows: identities (first half train, second half test)
     sheet_contexts: int = 8  # contact sheet columns: fixed contexts, the same for every row (plus the reference crop)
@@ -197,7 +197,7 @@ class Canvas:
         self.draw.ellipse([x - r, y - r, x + r, y + r], **style)
 
 
-def render(t, attrs, resolution=64, crop_size=64, crop_margin=1.4, supersample=4, jitter=(0.0, 0.0, 0.0), rng=None):
+def render(t, attrs, resolution=64, crop_size=64, crop_scale=1.4, supersample=4, jitter=(0.0, 0.0, 0.0), rng=None):
     """Draw one image of identity traits t in context attrs.
     jitter = (dx, dy, dsize) as fractions of the image side; rng (numpy Generator) draws the photo-style noise.
     Returns (image PIL RGB resolution^2, crop PIL RGB crop_size^2, face_box [x0, y0, x1, y1] in image pixels)."""
@@ -215,7 +215,7 @@ def render(t, attrs, resolution=64, crop_size=64, crop_margin=1.4, supersample=4
     _mouth(c, t, expr)
     _hair(c, t)
     _accessory(c, t, attrs)
-    return _downsample_and_crop(_shade(c, attrs), c, face_box, resolution, crop_size, crop_margin, rng)
+    return _downsample_and_crop(_shade(c, attrs), c, face_box, resolution, crop_size, crop_scale, rng)
 
 
 def _backdrop(c, t, attrs):
@@ -428,13 +428,13 @@ def _shade(c, attrs):
     return Image.fromarray(np.clip(np.asarray(img, np.float32) * gain[:, :, None] + 0.5, 0, 255).astype(np.uint8))
 
 
-def _downsample_and_crop(img, c, face_box, resolution, crop_size, crop_margin, rng):
+def _downsample_and_crop(img, c, face_box, resolution, crop_size, crop_scale, rng):
     """Box-filter the canvas down to the image, and cut the reference crop from the canvas (sharper than the image,
     like a close-up reference photo): the window is face_encoder.square_box, the one framing of every face crop,
     and the canvas is edge-padded so faces near the border still get a full square crop. Photo style adds sensor
     noise to both. Returns (image, crop, face box in image pixels)."""
     image = img.resize((resolution, resolution), Image.BOX)
-    x0, y0, x1, y1 = square_box(torch.tensor(face_box, dtype=torch.float64), crop_margin).tolist()  # the crop window
+    x0, y0, x1, y1 = square_box(torch.tensor(face_box, dtype=torch.float64), crop_scale).tolist()  # the crop window
     pad = int(np.ceil(max(-x0, -y0, x1 - c.R, y1 - c.R, 0))) + 1
     canvas = Image.fromarray(np.pad(np.asarray(img), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
     crop = canvas.resize((crop_size, crop_size), Image.BOX, box=(x0 + pad, y0 + pad, x1 + pad, y1 + pad))
@@ -462,7 +462,7 @@ def _render_identity(job):
     for k in range(n):
         attrs = sample_attributes(rng)
         jitter = tuple(rng.uniform(-0.02, 0.02, 3))
-        image, crop, face_box = render(traits, attrs, c["resolution"], c["crop_size"], c["crop_margin"],
+        image, crop, face_box = render(traits, attrs, c["resolution"], c["crop_size"], c["crop_scale"],
                                        c["supersample"], jitter, rng)
         path, crop_path = f"images/{name}_{k:02d}.png", f"crops/{name}_{k:02d}.png"
         image.save(os.path.join(c["out_dir"], path), format="PNG")
@@ -486,7 +486,7 @@ def contact_sheet(cfg, rows):
     for i, (split, ordinal) in enumerate(rows):
         traits = sample_identity(identity_rng(cfg.seed, split, ordinal))
         for j, attrs in enumerate(contexts):  # no sensor noise (rng=None): it would triple the PNG size
-            image, crop, _ = render(traits, attrs, res, cfg.crop_size, cfg.crop_margin, cfg.supersample)
+            image, crop, _ = render(traits, attrs, res, cfg.crop_size, cfg.crop_scale, cfg.supersample)
             if j == 0:
                 sheet.paste(crop.resize((res, res), Image.BOX), (gap, gap + i * (res + gap)))
             sheet.paste(image, (gap + (j + 1) * (res + gap), gap + i * (res + gap)))
@@ -497,8 +497,8 @@ def main(cfg):
     t0 = time.time()
     if min(cfg.train_ids, cfg.test_ids, cfg.train_images, cfg.test_images) < 1:
         raise UserError("train_ids, test_ids, train_images and test_images must all be >= 1")
-    if cfg.resolution < 32 or cfg.crop_size < 16 or cfg.supersample < 1 or cfg.crop_margin < 1.0:
-        raise UserError("need resolution >= 32, crop_size >= 16, supersample >= 1 and crop_margin >= 1")
+    if cfg.resolution < 32 or cfg.crop_size < 16 or cfg.supersample < 1 or cfg.crop_scale < 1.0:
+        raise UserError("need resolution >= 32, crop_size >= 16, supersample >= 1 and crop_scale >= 1")
     print(json.dumps(config_dict(cfg), indent=1))
     for sub in ("images", "crops"):
         os.makedirs(os.path.join(cfg.out_dir, sub), exist_ok=True)
@@ -538,7 +538,7 @@ def main(cfg):
     # meta.json holds only what determines the bytes (no paths, no timings), so equal seeds give equal files
     recorded = {k: v for k, v in c.items() if k not in ("out_dir", "workers", "sheet_copy")}
     meta = dict(name="synthfaces", seed=cfg.seed, resolution=cfg.resolution, crop_size=cfg.crop_size,
-                crop_margin=cfg.crop_margin,
+                crop_scale=cfg.crop_scale,
                 counts=dict(train_ids=cfg.train_ids, test_ids=cfg.test_ids,
                             train_images=cfg.train_ids * cfg.train_images, test_images=cfg.test_ids * cfg.test_images),
                 attributes=ATTRIBUTES, vocab_size=tok.get_vocab_size(), max_caption_tokens=lengths, config=recorded)
@@ -562,5 +562,5 @@ if __name__ == "__main__":
 #   tokenizer.json: vocab 98 (3 special tokens + 95 words); longest caption in tokens with </s>: short 29, long 72
 #   face box height 24.3-39.7 px (mean 32.0), width 18.0-38.3 px (mean 27.4) at 64x64
 #   attribute values are close to uniform, e.g. style photo 1752 / flat 1741 / sketch 1707
-#   sha256 prefixes: manifest.jsonl 7bc6bb5d8ec3f39d, tokenizer.json 5192db1aa410e753, meta.json c862d097bcdc07ef
+#   sha256 prefixes: manifest.jsonl 7bc6bb5d8ec3f39d, tokenizer.json 5192db1aa410e753, meta.json 83dcd95fc93e60b4
 #   (PNG bytes also depend on the zlib/Pillow build: images/id0000_00.png d86dd9501546914b with Pillow 13.0.0)
