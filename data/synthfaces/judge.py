@@ -12,9 +12,10 @@ TRAIN identities only, once, and cached next to the data in <data_dir>/judge.pt.
   id_eval  identity embedding, residual net, seed+2: the FaceSim evaluator. A different architecture and seed, so the
            generator is never scored by the network it was trained against (design.md section 5)
 
-Both identity nets see square face crops (side = crop_scale * max(box w, h), the same framing as prepare.py's
-reference crops) resized to id_size, and are trained as classifiers over the train identities with a CosFace head
-(logit = s * (cos - m) on the true class [CosFace] arXiv:1801.09414); the embedding is the L2-normalised feature.
+Both identity nets see square face crops (face_encoder.square_crop: side = crop_scale * max(box w, h), the framing
+of prepare.py's reference crops) resized to id_size, and are trained as classifiers over the train identities with a
+CosFace head (logit = s * (cos - m) on the true class [CosFace] arXiv:1801.09414); the embedding is the L2-normalised
+feature.
 
 Held-out checks written to <data_dir>/judge_metrics.json: identity top-1 over the train identities on held-out
 images of those identities, verification ROC AUC on the never-seen TEST identities, accuracy of every attribute
@@ -26,7 +27,7 @@ run from the repo root as a module:
   python -m data.synthfaces.judge --preset=tiny --data_dir=/tmp/synthfaces_tiny
   python -m data.synthfaces.judge --force=True --device=cuda       # retrain even if judge.pt exists
 
-Python API (eval.py, face_encoder.py): judge = load_judge(path, device); judge.detect(images) -> boxes;
+Python API (eval.py, train_tokenizer.py): judge = load_judge(path, device); judge.detect(images) -> boxes;
 judge.crop(images, boxes, size); judge.embed(x, which="eval"|"loss"); judge.classify(images) -> {attr: logits};
 judge.face_sim(generated, reference_crops) -> (B,) cosine. Images are (B, 3, H, W) in [-1, 1].
 """
