@@ -211,15 +211,6 @@ def test_onnx_recognizer_loads_through_insightface_model_zoo(tmp_path):
     assert np.allclose(emb / np.linalg.norm(emb), ours.detach().numpy(), atol=1e-4)
 
 
-def test_square_crop_centres_the_box():
-    img = torch.zeros(3, 40, 60)
-    img[:, 10:20, 30:40] = 1.0
-    crop = fe.square_crop(img, [30, 10, 40, 20], margin=0.0, size=10)
-    assert crop.shape == (3, 10, 10) and crop.min() > 0.99
-    edge = fe.square_crop(img, [50, 30, 60, 40], margin=1.0, size=8)  # runs off the border: zero-padded
-    assert edge.shape == (3, 8, 8)
-
-
 @pytest.mark.parametrize("h_div_w,pn,first,expect", [(1.0, "1M", 6, 265), (1.0, "0.06M", 3, 21), (2.0, "1M", 6, None)])
 def test_ft_counts(h_div_w, pn, first, expect):
     schedule = tok.get_schedule(h_div_w, pn)
