@@ -11,10 +11,11 @@ the first k scales decoded, k = 1..K (the paper's Fig. 8 strip; identity detail 
 
 import dataclasses
 import os
+from typing import Optional
 
 import torch
 
-import face_encoder as fe
+import face_detect as fd
 from common import UserError, cli, log, resolve_device, run_info
 from data.manifest import load_image
 from pipeline import generate, load_run
@@ -38,15 +39,15 @@ class Config:
     seed: int = 0  # sampling seed
     per_scale: bool = False  # also write the per-scale strip (Fig. 8)
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
-    face_detector: str = "none"  # none (the image is the face crop) | insightface
+    face_detector: str = "none"  # none (the image is the crop) | auto (InsightFace pack if present, else dlib) | dlib
     face_model_pack: str = "buffalo_l"  # InsightFace model pack
     face_model_root: str = "~/.insightface"  # looked up as <root>/models/<pack>
-    det_thresh: float = 0.5  # face detection score threshold
+    det_thresh: Optional[float] = None  # detection score threshold (None: the backend's own, InsightFace 0.5, dlib 0)
     crop_scale: float = 0.0  # reference crop side / max(detected box w, h) (0 = the checkpoint's crop_scale)
     device: str = "auto"  # auto | cpu | cuda
 
 
-PRESETS = {"synthfaces": {}, "infinity_2b": {"face_detector": "insightface", "ckpt": "out/hear_2b/ckpt.pt"}}
+PRESETS = {"synthfaces": {}, "infinity_2b": {"face_detector": "auto", "ckpt": "out/hear_2b/ckpt.pt"}}
 
 
 def reference_crop(cfg, size, crop_scale, device):
@@ -54,16 +55,13 @@ def reference_crop(cfg, size, crop_scale, device):
     if not cfg.face:
         raise UserError("--face is required: a face photo (or a pre-cropped face with --face_detector=none)")
     image = load_image(cfg.face)  # (3, H, W), one-line error if unreadable
-    detector = None
-    if cfg.face_detector == "insightface":
-        detector = fe.InsightFaceDetector(cfg.face_model_pack, cfg.face_model_root, det_thresh=cfg.det_thresh,
-                                          device=device)
-    elif cfg.face_detector != "none":
-        raise UserError(f"--face_detector={cfg.face_detector!r}: choose none or insightface")
+    detector = fd.make_face_detector(cfg.face_detector, cfg.face_model_pack, cfg.face_model_root, cfg.det_thresh,
+                                     device, log=log)
     rgb = ((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
-    face = fe.detect_face(rgb, detector, cfg.face)
+    face = fd.detect_face(rgb, detector, cfg.face)
     scale = 1.0 if detector is None else crop_scale  # none: the image already is the face crop
-    return fe.square_crop(image, face["box"], scale - 1, size)[None].to(device)
+    box = torch.as_tensor(face["box"], dtype=torch.float32)[None]  # (1, 4) pixels
+    return fd.square_crop(image[None], box, scale, size).to(device)
 
 
 def main(cfg):

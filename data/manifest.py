@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-import face_encoder as fe
+import face_detect as fd
 import tokenizer as tok
 from common import UserError, seeded_generator
 
@@ -36,7 +36,7 @@ def read_manifest(path, split=None):
     if os.path.isdir(path):
         path = os.path.join(path, "manifest.jsonl")
     if not os.path.isfile(path):
-        raise UserError(f"manifest {path} not found; run data/synthfaces/prepare.py or curate.py first")
+        raise UserError(f"manifest {path} not found; run python -m data.synthfaces.prepare or curate.py first")
     root, records = os.path.dirname(os.path.abspath(path)), []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -91,7 +91,8 @@ def load_face_crop(rec, size, crop_scale):
     a reference is never cut from an image stretched to another aspect bucket."""
     if rec.get("crop_path"):
         return load_image(rec["crop_path"], (size, size))
-    return fe.square_crop(load_image(rec["path"]), rec["face_box"], crop_scale - 1, size)
+    box = torch.tensor([rec["face_box"]], dtype=torch.float32)  # (1, 4) in the image's own pixels
+    return fd.square_crop(load_image(rec["path"])[None], box, crop_scale, size)[0]
 
 
 # -----------------------------------------------------------------------------

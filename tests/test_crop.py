@@ -1,27 +1,27 @@
-"""face_encoder.square_crop / square_box: the one square face crop (side = scale * max(box w, h), centred on the box,
+"""face_detect.square_crop / square_box: the one square face crop (side = scale * max(box w, h), centred on the box,
 border repeated, differentiable, antialiased when it shrinks a lot) used by the judge, CropEmbedder and prepare.py."""
 
 import torch
 import torch.nn.functional as F
 
-import face_encoder as fe
+import face_detect as fd
 
 
 def test_square_box_geometry():
-    sq = fe.square_box(torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 8.0, 2.0]]), 1.5)
+    sq = fd.square_box(torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 8.0, 2.0]]), 1.5)
     assert torch.equal(sq, torch.tensor([[-10.0, 10.0, 50.0, 70.0], [-2.0, -5.0, 10.0, 7.0]]))
 
 
 def test_whole_square_image_at_scale_one_is_the_image_resized():
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     boxes = torch.tensor([[0.0, 0.0, 64.0, 64.0]] * 2)
-    assert torch.allclose(fe.square_crop(x, boxes, 1.0, 64), x, atol=1e-5)  # fp32 rounding of the sample grid
+    assert torch.allclose(fd.square_crop(x, boxes, 1.0, 64), x, atol=1e-5)  # fp32 rounding of the sample grid
     # shrink < 2: plain bilinear samples at the pixel centres of the smaller grid
     plain = F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)
-    assert torch.allclose(fe.square_crop(x, boxes, 1.0, 48), plain, atol=1e-5)
+    assert torch.allclose(fd.square_crop(x, boxes, 1.0, 48), plain, atol=1e-5)
     # shrink 2: the antialiased resize itself
     smooth = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
-    assert torch.allclose(fe.square_crop(x, boxes, 1.0, 32), smooth, atol=1e-5)
+    assert torch.allclose(fd.square_crop(x, boxes, 1.0, 32), smooth, atol=1e-5)
 
 
 def test_crop_centre_stays_at_the_box_centre():
@@ -32,7 +32,7 @@ def test_crop_centre_stays_at_the_box_centre():
     cases = [(10.0, 14.0, 1.4, 20), (22.0, 12.0, 1.0, 24), (30.0, 30.0, 1.7, 16)]  # (w, h, scale, size); last: shrink 3
     for w, h, scale, size in cases:
         box = torch.tensor([[cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]])
-        crop = fe.square_crop(blob[None], box, scale, size)[0, 0]  # (size, size)
+        crop = fd.square_crop(blob[None], box, scale, size)[0, 0]  # (size, size)
         i = torch.arange(size, dtype=torch.float32)
         row, col = (crop.sum(1) * i).sum() / crop.sum(), (crop.sum(0) * i).sum() / crop.sum()
         # tolerance: bilinear resampling of a sampled Gaussian moves its centroid by a few hundredths of a pixel
@@ -42,7 +42,7 @@ def test_crop_centre_stays_at_the_box_centre():
 def test_border_is_repeated_outside_the_image():
     x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     for box, dy, dx in [([-4.0, -4.0, 4.0, 4.0], -4, -4), ([4.0, 6.0, 12.0, 14.0], 6, 4)]:
-        crop = fe.square_crop(x, torch.tensor([box]), 1.0, 8)  # one crop pixel per image pixel, shifted
+        crop = fd.square_crop(x, torch.tensor([box]), 1.0, 8)  # one crop pixel per image pixel, shifted
         rows, cols = (torch.arange(8) + dy).clamp(0, 7), (torch.arange(8) + dx).clamp(0, 7)
         assert torch.allclose(crop, x[:, :, rows][:, :, :, cols], atol=1e-5)
 
@@ -50,7 +50,7 @@ def test_border_is_repeated_outside_the_image():
 def test_gradients_flow_to_the_window_only():
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
     boxes = torch.tensor([[20.0, 20.0, 40.0, 40.0], [8.0, 8.0, 56.0, 56.0]])  # shrink 1 and shrink 3 (side 48, size 16)
-    fe.square_crop(x, boxes, 1.0, 16).sum().backward()
+    fd.square_crop(x, boxes, 1.0, 16).sum().backward()
     g = x.grad
     # every crop pixel is a convex combination of image pixels (bilinear and antialias weights sum to 1)
     assert torch.allclose(g.sum(dim=(1, 2, 3)), torch.full((2,), 3.0 * 16 * 16), rtol=1e-4)
@@ -63,7 +63,7 @@ def test_antialiased_when_shrinking_a_lot():
     exactly on pixel centres (x = 8j + 4), so without the pre-filter every crop pixel would be +-1."""
     i = torch.arange(256)
     board = ((i[:, None] + i[None, :]) % 2 * 2 - 1).float().expand(1, 3, 256, 256)
-    crop = fe.square_crop(board, torch.tensor([[0.5, 0.5, 256.5, 256.5]]), 1.0, 32)
+    crop = fd.square_crop(board, torch.tensor([[0.5, 0.5, 256.5, 256.5]]), 1.0, 32)
     assert crop.abs().max() < 0.02
 
 
@@ -80,4 +80,4 @@ def test_judge_crops_match_the_affine_crop_they_replace():
     theta[:, 1, 1], theta[:, 1, 2] = 2 * half / 64, 2 * cy / 64 - 1
     grid = F.affine_grid(theta, (4, 3, 32, 32), align_corners=False)
     old = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    assert torch.allclose(fe.square_crop(x, boxes, 1.4, 32), old, atol=1e-5)
+    assert torch.allclose(fd.square_crop(x, boxes, 1.4, 32), old, atol=1e-5)

@@ -73,7 +73,7 @@ def test_generation_table_on_a_tiny_run(tiny_run, tmp_path):
     train.main(parse_config(train.Config, train.PRESETS, [
         "--preset=tiny", f"--data_dir={data}", f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
         f"--out_dir={out}", "--device=cpu", "--max_iters=2"]))
-    judge_config = dict(resolution=16, id_size=16, crop_margin=1.4, embed_dim=8, n_ids=3, attributes=attrs)
+    judge_config = dict(resolution=16, id_size=16, crop_scale=1.4, embed_dim=8, n_ids=3, attributes=attrs)
     save_checkpoint({"model": Judge(**judge_config).state_dict(), "judge_config": judge_config}, f"{tmp_path}/judge.pt")
     cfg = parse_config(ev.Config, ev.PRESETS, ["--what=generation", f"--ckpt={out}/ckpt.pt", f"--data_dir={data}",
                                                f"--judge={tmp_path}/judge.pt", "--prompts_per_identity=1",

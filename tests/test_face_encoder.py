@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import face_detect as fd
 import face_encoder as fe
 import tokenizer as tok
 
@@ -187,11 +188,11 @@ def test_detector_error_names_pack_and_folder(tmp_path):
 
     image = astronaut()  # public-domain photo with one face
     with pytest.raises(fe.FaceError) as e:
-        detector = fe.InsightFaceDetector(pack="buffalo_l", root=str(tmp_path))
-        fe.detect_face(image, detector, "astronaut")
+        detector = fd.InsightFaceDetector(pack="buffalo_l", root=str(tmp_path))
+        fd.detect_face(image, detector, "astronaut")
     msg = str(e.value)
     assert "buffalo_l" in msg and str(tmp_path) in msg and "--face_detector=none" in msg and "\n" not in msg
-    face = fe.detect_face(image, None)  # `none`: the image is the face
+    face = fd.detect_face(image, None)  # `none`: the image is the face
     assert list(face["box"]) == [0, 0, image.shape[1], image.shape[0]]
 
 

@@ -12,7 +12,7 @@ TRAIN identities only, once, and cached next to the data in <data_dir>/judge.pt.
   id_eval  identity embedding, residual net, seed+2: the FaceSim evaluator. A different architecture and seed, so the
            generator is never scored by the network it was trained against (design.md section 5)
 
-Both identity nets see square face crops (face_encoder.square_crop: side = crop_scale * max(box w, h), the framing
+Both identity nets see square face crops (face_detect.square_crop: side = crop_scale * max(box w, h), the framing
 of prepare.py's reference crops) resized to id_size, and are trained as classifiers over the train identities with a
 CosFace head (logit = s * (cos - m) on the true class [CosFace] arXiv:1801.09414); the embedding is the L2-normalised
 feature.
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import face_encoder as fe
+import face_detect as fd
 from common import UserError, cli, config_dict, load_checkpoint, log, lr_schedule, resolve_device, save_checkpoint
 from data.manifest import read_manifest
 from data.synthfaces.captions import ATTRIBUTES
@@ -244,7 +244,7 @@ class Judge(nn.Module):
 
     def crop(self, images, boxes, size=None):
         """(B, 3, H, W), (B, 4) pixels -> aligned face crops (B, 3, size, size) (default id_size)."""
-        return fe.square_crop(images, boxes, self.crop_scale, size or self.id_size)
+        return fd.square_crop(images, boxes, self.crop_scale, size or self.id_size)
 
     def embed(self, x, which="eval"):
         """Face crops (or reference crops) (B, 3, h, w) in [-1, 1] -> (B, E) L2-normalised. which = eval | loss."""

@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from common import UserError, cli, config_dict, log
-from face_encoder import square_box
+from face_detect import square_box
 from data.synthfaces.captions import ATTRIBUTES, build_caption, build_tokenizer
 
 
@@ -46,7 +46,7 @@ class Config:
     test_images: int = 8  # images per test identity
     resolution: int = 64  # image side in pixels
     crop_size: int = 64  # side of the aligned square face crop (64 = the tokenizer resolution of the quick start)
-    crop_scale: float = 1.4  # crop side = crop_scale * max(face box w, h), centred on it (face_encoder.square_box)
+    crop_scale: float = 1.4  # crop side = crop_scale * max(face box w, h), centred on it (face_detect.square_box)
     supersample: int = 4  # draw at resolution * supersample, then box-filter down (anti-aliasing)
     sheet_ids: int = 8  # contact sheet rows: identities (first half train, second half test)
     sheet_contexts: int = 8  # contact sheet columns: fixed contexts, the same for every row (plus the reference crop)
@@ -430,7 +430,7 @@ def _shade(c, attrs):
 
 def _downsample_and_crop(img, c, face_box, resolution, crop_size, crop_scale, rng):
     """Box-filter the canvas down to the image, and cut the reference crop from the canvas (sharper than the image,
-    like a close-up reference photo): the window is face_encoder.square_box, the one framing of every face crop,
+    like a close-up reference photo): the window is face_detect.square_box, the one framing of every face crop,
     and the canvas is edge-padded so faces near the border still get a full square crop. Photo style adds sensor
     noise to both. Returns (image, crop, face box in image pixels)."""
     image = img.resize((resolution, resolution), Image.BOX)
