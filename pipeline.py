@@ -47,15 +47,15 @@ def build_text_encoder(spec, vocab_json=None, channels=128, layers=2, heads=4):
         if not os.path.isdir(spec):
             raise UserError(f"--text_encoder={spec!r}: not a local T5 folder (e.g. weights/flan-t5-xl)")
         t5 = T5EncoderModel.from_pretrained(spec, local_files_only=True)
-        captions = AutoTokenizer.from_pretrained(spec, local_files_only=True)
-        return t5.eval().requires_grad_(False), captions, False
+        caption_tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        return t5.eval().requires_grad_(False), caption_tokenizer, False
     from tokenizers import Tokenizer
 
-    captions = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(vocab_json), pad_token="<pad>",
+    caption_tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(vocab_json), pad_token="<pad>",
                                        eos_token="</s>", unk_token="<unk>")
-    t5_cfg = T5Config(vocab_size=len(captions), d_model=channels, d_kv=channels // heads, d_ff=2 * channels,
+    t5_cfg = T5Config(vocab_size=len(caption_tokenizer), d_model=channels, d_kv=channels // heads, d_ff=2 * channels,
                       num_layers=layers, num_heads=heads, dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
-    return T5EncoderModel(t5_cfg), captions, True
+    return T5EncoderModel(t5_cfg), caption_tokenizer, True
 
 
 def read_vocab(data_dir):
@@ -107,7 +107,7 @@ class Run:
     """Everything sampling needs from one train.py checkpoint."""
 
     model: TextToBits  # text encoder + HEAR transformer, eval mode
-    captions: object  # caption tokenizer (transformers)
+    caption_tokenizer: object  # caption tokenizer (transformers)
     vae: tok.BSQVAE  # the frozen generation tokenizer (its decoder turns bits into pixels)
     face_encoder: tok.BSQVAE  # the frozen high-frequency face encoder
     global_encoder: nn.Module | None  # CLIP vision tower (real presets) or None (v_g = v[:FT])
@@ -121,14 +121,14 @@ def load_run(path, device="cpu", use_ema=True):
     if "model_config" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint (no model_config); pass --ckpt=<out_dir>/ckpt.pt")
     c = ckpt["config"]
-    text_enc, captions, _ = build_text_encoder(c["text_encoder"], ckpt.get("caption_tokenizer"), c.get("text_channels"),
-                                               c.get("text_layers"), c.get("text_heads"))
+    text_enc, caption_tokenizer, _ = build_text_encoder(c["text_encoder"], ckpt.get("caption_tokenizer"),
+                                                        c["text_channels"], c["text_layers"], c["text_heads"])
     if isinstance(ckpt.get("text_encoder"), dict):  # trained jointly (tiny); a frozen flan-t5 is read from its folder
         text_enc.load_state_dict(ckpt["text_encoder"])
     hear = hear_model.HEARTransformer(hear_model.ModelConfig(**ckpt["model_config"]))
     hear.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"])
     vae, face_enc = (load_tokenizer(c[k])[0].to(device) for k in ("tokenizer_ckpt", "face_encoder_ckpt"))
-    return Run(TextToBits(text_enc, hear, False).to(device).eval(), captions, vae, face_enc,
+    return Run(TextToBits(text_enc, hear, False).to(device).eval(), caption_tokenizer, vae, face_enc,
                fe.build_global_encoder(c.get("global_face", "lowfreq"), device), c, ckpt["step"])
 
 
@@ -146,11 +146,12 @@ def generate(run, prompts, crops, generator, cfg_scale=3.0, tau=1.0, top_k=900, 
     sums [(B, d, h, w)] for the Fig. 8 strip). null_face: zero face tokens (the null condition of CFG training), i.e.
     the prompt alone."""
     c, model, device = run.config, run.model, crops.device
-    ids = run.captions(prompts, padding=True, truncation=True, max_length=c["text_maxlen"], return_tensors="pt")
+    ids = run.caption_tokenizer(prompts, padding=True, truncation=True, max_length=c["text_maxlen"],
+                                return_tensors="pt")
     text, lens = model.encode_text(ids["input_ids"].to(device), ids["attention_mask"].to(device))
     neg_text = neg_lens = None
     if negative_prompt:
-        neg = run.captions([negative_prompt] * len(prompts), padding=True, truncation=True,
+        neg = run.caption_tokenizer([negative_prompt] * len(prompts), padding=True, truncation=True,
                            max_length=c["text_maxlen"], return_tensors="pt")
         neg_text, neg_lens = model.encode_text(neg["input_ids"].to(device), neg["attention_mask"].to(device))
     template = tok.nearest_template(h_div_w) if c["pn"] else 1.0

@@ -101,7 +101,7 @@ def token_offsets(schedule):
 # Resampling and bit <-> code conversion, matched bit-for-bit to the official kernels
 
 
-def resize(x, size, mode):
+def resample(x, size, mode):
     """(B, d, h, w) -> (B, d, *size) with the official 5-D interpolation ('area' down, 'trilinear' up/down).
     5-D trilinear with T=1 equals bilinear (align_corners=False) mathematically but differs by ulps on CPU,
     so the 5-D call is kept for bit-exact parity with the official code."""
@@ -127,10 +127,10 @@ def add_scale(summed, bits, schedule, k):
     # parity: codes stay the channels-last view the official code interpolates (the CPU trilinear kernel rounds a
     # contiguous input differently, by 1 ulp)
     codes = bits_to_codes(bits).permute(0, 3, 1, 2)  # (B, d, h, w) = +-1/sqrt(d)
-    summed = summed + resize(codes, (H, W), "trilinear")  # F_k = sum_{i<=k} up(R_i)
+    summed = summed + resample(codes, (H, W), "trilinear")  # F_k = sum_{i<=k} up(R_i)
     if k + 1 == len(schedule):
         return summed, None
-    return summed, resize(summed, schedule[k + 1], "trilinear").flatten(2).transpose(1, 2)  # (B, h'w', d)
+    return summed, resample(summed, schedule[k + 1], "trilinear").flatten(2).transpose(1, 2)  # (B, h'w', d)
 
 
 def bits_to_index(bits):
@@ -185,9 +185,9 @@ def multiscale_bsq(f, schedule):
     residual, z = f, 0
     bits_list, codes_list, inputs = [], [], []
     for h, w in schedule:
-        r = resize(residual, (h, w), "area")  # (B, d, h, w); no-op at full size (the last scale)
+        r = resample(residual, (h, w), "area")  # (B, d, h, w); no-op at full size (the last scale)
         codes, bits = bsq_quantize(r)
-        up = resize(codes, (H, W), "trilinear")  # (B, d, H, W)
+        up = resample(codes, (H, W), "trilinear")  # (B, d, H, W)
         residual = residual - up.detach()  # R <- R - up(code_k)
         z = z + up  # f_hat = sum_k up(code_k)
         bits_list.append(bits), codes_list.append(codes), inputs.append(r)
@@ -263,7 +263,7 @@ def bitwise_self_correction(features, schedule, p_max=0.0, generator=None):
     for k, (h, w) in enumerate(schedule):
         residual = f - cum
         if k < K - 1:  # the official code skips the area step by index at the last scale
-            residual = resize(residual, (h, w), "area")  # (B, d, h, w)
+            residual = resample(residual, (h, w), "area")  # (B, d, h, w)
         _, bits = bsq_quantize(residual)  # (B, h, w, d) clean label of this scale
         labels.append(bits.reshape(B, h * w, d))
         if p_max > 0:

@@ -116,8 +116,8 @@ PRESETS = {
 
 
 @dataclasses.dataclass
-class Run:
-    """What one training run holds (built by build_run; no behaviour of its own)."""
+class TrainState:
+    """What one training run holds (built by build_state; no behaviour of its own)."""
 
     dist: object  # common.Dist: rank, world size, device
     records: list  # the training split of the manifest
@@ -127,7 +127,7 @@ class Run:
     face_enc: tok.BSQVAE  # frozen face encoder
     global_enc: nn.Module | None  # frozen CLIP vision tower (real presets) or None
     text_enc: nn.Module  # T5 encoder (trained with the tiny preset)
-    captions: object  # caption tokenizer
+    caption_tokenizer: object  # caption tokenizer
     hear: hear_model.HEARTransformer  # the raw transformer (saved, sampled)
     model: TextToBits  # text encoder + transformer
     forward: object  # model, wrapped by DDP and/or torch.compile
@@ -155,8 +155,8 @@ def build_model(cfg, vae, face_enc, global_enc, resumed, master):
     vocab = resumed.get("caption_tokenizer") if resumed else None
     if cfg.text_encoder == "tiny" and vocab is None:
         vocab = read_vocab(cfg.data_dir)
-    text_enc, captions, train_text = build_text_encoder(cfg.text_encoder, vocab, cfg.text_channels, cfg.text_layers,
-                                                        cfg.text_heads)
+    text_enc, caption_tokenizer, train_text = build_text_encoder(cfg.text_encoder, vocab, cfg.text_channels,
+                                                                 cfg.text_layers, cfg.text_heads)
     if resumed is not None:  # the architecture comes from the checkpoint
         hear = hear_model.HEARTransformer(hear_model.ModelConfig(**resumed["model_config"]))
         hear.load_state_dict(resumed["model"])
@@ -177,17 +177,17 @@ def build_model(cfg, vae, face_enc, global_enc, resumed, master):
         text_enc.requires_grad_(False)
         train_text = False
         log(f"train_params={cfg.train_params}: training {len(trainable)} tensors", cfg.out_dir, master)
-    return text_enc, captions, hear, train_text
+    return text_enc, caption_tokenizer, hear, train_text
 
 
-def build_run(cfg, dist):
-    """Data, frozen encoders, model, optimizer and (init_from=resume) the saved state -> Run."""
+def build_state(cfg, dist):
+    """Data, frozen encoders, model, optimizer and (init_from=resume) the saved state -> TrainState."""
     records = read_manifest(cfg.data_dir, "train")
     vae, face_enc = (load_tokenizer(p)[0].to(dist.device) for p in (cfg.tokenizer_ckpt, cfg.face_encoder_ckpt))
     fe.face_schedule(cfg.face_size, face_enc.cfg.patch_size, cfg.hf_first_scale)  # a bad hf_first_scale fails now
     global_enc = fe.build_global_encoder(cfg.global_face, dist.device)
     resumed = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.init_from == "resume" else None
-    text_enc, captions, hear, train_text = build_model(cfg, vae, face_enc, global_enc, resumed, dist.master)
+    text_enc, caption_tokenizer, hear, train_text = build_model(cfg, vae, face_enc, global_enc, resumed, dist.master)
     model = TextToBits(text_enc, hear, train_text).to(dist.device).train()
     ema = copy.deepcopy(hear).requires_grad_(False) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
@@ -200,8 +200,9 @@ def build_run(cfg, dist):
     ddp = None if dist.world_size == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[dist.local_rank] if "cuda" in dist.device else None)
     forward = torch.compile(ddp or model) if cfg.compile else (ddp or model)  # `model` stays raw for saving
-    return Run(dist, records, aspect_buckets(records, cfg.pn), identity_pools(records), vae, face_enc, global_enc,
-               text_enc, captions, hear, model, forward, ddp, ema, opt, resumed["step"] if resumed else 0)
+    return TrainState(dist, records, aspect_buckets(records, cfg.pn), identity_pools(records), vae, face_enc,
+                      global_enc, text_enc, caption_tokenizer, hear, model, forward, ddp, ema, opt,
+                      resumed["step"] if resumed else 0)
 
 
 # -----------------------------------------------------------------------------
@@ -209,42 +210,42 @@ def build_run(cfg, dist):
 
 
 @torch.no_grad()
-def target_latents(run, cfg, indices, template):
+def target_latents(state, cfg, indices, template):
     """Frozen tokenizer latents (B, d, h, w) of the target images, at their aspect bucket's size."""
-    todo = [i for i in indices if i not in run.latents]
+    todo = [i for i in indices if i not in state.latents]
     if todo:
-        size, _, _ = geometry(cfg.pn, cfg.image_size, template, run.vae.cfg.patch_size)
-        x = torch.stack([load_example(run.records[i], size)[0] for i in todo]).to(run.dist.device)
+        size, _, _ = geometry(cfg.pn, cfg.image_size, template, state.vae.cfg.patch_size)
+        x = torch.stack([load_example(state.records[i], size)[0] for i in todo]).to(state.dist.device)
         with torch.autocast(x.device.type, enabled=False):  # fp32, as the official code encodes
-            run.latents.update(zip(todo, run.vae.encode(x)))
-    out = torch.stack([run.latents[i] for i in indices])
+            state.latents.update(zip(todo, state.vae.encode(x)))
+    out = torch.stack([state.latents[i] for i in indices])
     if not cfg.cache_features:
-        run.latents.clear()
+        state.latents.clear()
     return out
 
 
 @torch.no_grad()
-def reference_tokens(run, cfg, indices):
+def reference_tokens(state, cfg, indices):
     """Face tokens (v_g (B, N_g, D_g) or None, v_hf (B, N_hf, d) or None) of the reference records' own face crops."""
-    todo = [i for i in dict.fromkeys(indices) if i not in run.faces]
+    todo = [i for i in dict.fromkeys(indices) if i not in state.faces]
     if todo:
-        crops = torch.stack([load_face_crop(run.records[i], cfg.face_size, cfg.crop_scale) for i in todo])
-        v_g, v_hf = face_conditions(run.hear, run.face_enc, run.global_enc, crops.to(run.dist.device),
+        crops = torch.stack([load_face_crop(state.records[i], cfg.face_size, cfg.crop_scale) for i in todo])
+        v_g, v_hf = face_conditions(state.hear, state.face_enc, state.global_enc, crops.to(state.dist.device),
                                     cfg.hf_first_scale)  # Eq. (3)-(5) inputs, fp32
         for j, i in enumerate(todo):
-            run.faces[i] = (None if v_g is None else v_g[j], None if v_hf is None else v_hf[j])
-    out = [run.faces[i] for i in indices]
+            state.faces[i] = (None if v_g is None else v_g[j], None if v_hf is None else v_hf[j])
+    out = [state.faces[i] for i in indices]
     if not cfg.cache_features:
-        run.faces.clear()
+        state.faces.clear()
     return tuple(None if out[0][k] is None else torch.stack([o[k] for o in out]) for k in range(2))
 
 
-def fill_cache(run, cfg):
+def fill_cache(state, cfg):
     """Encode every training image and face once, in a fixed order, so a resumed run sees the same numbers."""
-    chunks = [(t, idx[i: i + 64]) for t, idx in run.buckets.items() for i in range(0, len(idx), 64)]
-    for template, chunk in tqdm(chunks, disable=not run.dist.master, desc="caching frozen features (64 images each)"):
-        target_latents(run, cfg, chunk, template)
-        reference_tokens(run, cfg, chunk)
+    chunks = [(t, idx[i: i + 64]) for t, idx in state.buckets.items() for i in range(0, len(idx), 64)]
+    for template, chunk in tqdm(chunks, disable=not state.dist.master, desc="caching frozen features (64 images each)"):
+        target_latents(state, cfg, chunk, template)
+        reference_tokens(state, cfg, chunk)
 
 
 # -----------------------------------------------------------------------------
@@ -258,59 +259,61 @@ def bit_accuracy(logits, labels, schedule):
     return torch.stack([hit[offs[a]: offs[b]].mean() for a, b in ((0, K // 3), (K // 3, 2 * K // 3), (2 * K // 3, K))])
 
 
-def train_step(run, cfg, batch, template):
+def train_step(state, cfg, batch, template):
     """One optimizer step on the global batch `batch` (record indices of one bucket) -> (loss, bit accuracy (3,),
     image tokens seen, text length)."""
-    dist, step, micro = run.dist, run.step, cfg.batch_size // (run.dist.world_size * cfg.grad_accum)
-    _, schedule, grid = geometry(cfg.pn, cfg.image_size, template, run.vae.cfg.patch_size)
+    dist, step, micro = state.dist, state.step, cfg.batch_size // (state.dist.world_size * cfg.grad_accum)
+    _, schedule, grid = geometry(cfg.pn, cfg.image_size, template, state.vae.cfg.patch_size)
     token_weights = hear_model.scale_loss_weights(schedule, cfg.reweight_by_scale).to(dist.device)  # (L,)
     # per-sample randomness of the GLOBAL batch comes from (seed, step): identical for any world size
     g = seeded_generator(cfg.seed, step)
     use_short, drop, ref_u = (torch.rand(cfg.batch_size, generator=g) for _ in range(3))
     use_short, drop = use_short < cfg.short_caption_prob, drop < cfg.cond_drop_prob
     bsc_gen = seeded_generator(cfg.seed, step, dist.rank, device=dist.device)  # Eq. (11) flips, per rank
-    for group in run.opt.param_groups:
+    for group in state.opt.param_groups:
         group["lr"] = lr_schedule(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cosine=False)
     loss_sum, tokens = 0.0, 0
     for m in range(cfg.grad_accum):
         lo = (m * dist.world_size + dist.rank) * micro  # position of this micro-batch in the global batch
         idx = batch[lo: lo + micro]
-        x_in, labels = tok.bitwise_self_correction(target_latents(run, cfg, idx, template), schedule, cfg.bsc_p_max,
+        x_in, labels = tok.bitwise_self_correction(target_latents(state, cfg, idx, template), schedule, cfg.bsc_p_max,
                                                    bsc_gen)  # Eq. (11)-(12)
-        v_g, v_hf = reference_tokens(run, cfg, pick_references(run.records, run.pools, idx, ref_u[lo: lo + micro]))
-        texts = [run.records[i]["caption_short" if use_short[lo + j] else "caption_long"] for j, i in enumerate(idx)]
-        ids = run.captions(texts, padding=True, truncation=True, max_length=cfg.text_maxlen, return_tensors="pt")
-        if run.ddp is not None:  # sync gradients on the last micro-step only (set on DDP, not the compiled wrapper)
-            run.ddp.require_backward_grad_sync = m == cfg.grad_accum - 1
+        refs = pick_references(state.records, state.pools, idx, ref_u[lo: lo + micro])
+        v_g, v_hf = reference_tokens(state, cfg, refs)
+        texts = [state.records[i]["caption_short" if use_short[lo + j] else "caption_long"] for j, i in enumerate(idx)]
+        ids = state.caption_tokenizer(texts, padding=True, truncation=True, max_length=cfg.text_maxlen,
+                                      return_tensors="pt")
+        if state.ddp is not None:  # sync gradients on the last micro-step only (set on DDP, not the compiled wrapper)
+            state.ddp.require_backward_grad_sync = m == cfg.grad_accum - 1
         with autocast(dist.device, cfg.dtype):
-            logits = run.forward(ids["input_ids"].to(dist.device), ids["attention_mask"].to(dist.device), x_in,
+            logits = state.forward(ids["input_ids"].to(dist.device), ids["attention_mask"].to(dist.device), x_in,
                                  schedule, grid, v_g, v_hf, drop[lo: lo + micro].to(dist.device))
         loss = hear_model.bitwise_loss(logits, labels, token_weights)
         (loss / cfg.grad_accum).backward()
         loss_sum, tokens = loss_sum + loss.item() / cfg.grad_accum, tokens + labels.shape[0] * labels.shape[1]
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    run.opt.step()
-    run.opt.zero_grad(set_to_none=True)
-    if run.ema is not None:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    state.opt.step()
+    state.opt.zero_grad(set_to_none=True)
+    if state.ema is not None:
         with torch.no_grad():
-            for pe, pm in zip(run.ema.parameters(), run.hear.parameters()):
+            for pe, pm in zip(state.ema.parameters(), state.hear.parameters()):
                 pe.lerp_(pm, 1 - cfg.ema_decay)
-    run.step += 1
+    state.step += 1
     with torch.no_grad():  # on the last micro-batch
         return loss_sum, bit_accuracy(logits, labels, schedule), tokens, ids["input_ids"].shape[1]
 
 
-def save(run, cfg):
+def save(state, cfg):
     """Atomic checkpoint with everything resume and sampling need; only rank 0 writes."""
-    if not run.dist.master:
+    if not state.dist.master:
         return
     tiny = cfg.text_encoder == "tiny"  # a jointly trained text encoder is saved; a frozen flan-t5 is read from disk
-    save_checkpoint({"model": run.hear.state_dict(), "ema": run.ema.state_dict() if run.ema is not None else None,
-                     "text_encoder": run.text_enc.state_dict() if tiny else None,
-                     "caption_tokenizer": run.captions.backend_tokenizer.to_str() if tiny else None,
-                     "optimizer": run.opt.state_dict(), "model_config": dataclasses.asdict(run.hear.cfg),
-                     "config": dataclasses.asdict(cfg), "step": run.step, "rng": rng_state()},
+    save_checkpoint({"model": state.hear.state_dict(), "ema": state.ema.state_dict() if state.ema is not None else None,
+                     "text_encoder": state.text_enc.state_dict() if tiny else None,
+                     "caption_tokenizer": state.caption_tokenizer.backend_tokenizer.to_str() if tiny else None,
+                     "optimizer": state.opt.state_dict(), "model_config": dataclasses.asdict(state.hear.cfg),
+                     "config": dataclasses.asdict(cfg), "step": state.step, "rng": rng_state()},
                     os.path.join(cfg.out_dir, "ckpt.pt"))
 
 
@@ -327,49 +330,49 @@ def main(cfg):
     if dist.master:
         log(save_config(cfg, cfg.out_dir), cfg.out_dir)
         log(run_info(dist.device), cfg.out_dir)
-    run = build_run(cfg, dist)
-    if run.step == 0:  # (a resumed run restored its RNG state instead)
+    state = build_state(cfg, dist)
+    if state.step == 0:  # (a resumed run restored its RNG state instead)
         torch.manual_seed(cfg.seed + dist.rank)  # stochastic depth draws differ per rank
-    log(f"HEAR transformer {run.hear.num_params() / 1e6:.2f}M params ({run.hear.num_params(True) / 1e6:.2f}M "
-        f"trainable), text encoder {sum(p.numel() for p in run.text_enc.parameters()) / 1e6:.2f}M "
-        f"({'trained' if run.model.train_text else 'frozen'}), {len(run.records)} training images",
+    log(f"HEAR transformer {state.hear.num_params() / 1e6:.2f}M params ({state.hear.num_params(True) / 1e6:.2f}M "
+        f"trainable), text encoder {sum(p.numel() for p in state.text_enc.parameters()) / 1e6:.2f}M "
+        f"({'trained' if state.model.train_text else 'frozen'}), {len(state.records)} training images",
         cfg.out_dir, dist.master)
     if cfg.cache_features:
-        fill_cache(run, cfg)
-    buckets, template_of = list(run.buckets.values()), {i: t for t, idx in run.buckets.items() for i in idx}
-    per_epoch = len(epoch_batches(len(run.records), cfg.batch_size, 0, cfg.seed, buckets))
+        fill_cache(state, cfg)
+    buckets, template_of = list(state.buckets.values()), {i: t for t, idx in state.buckets.items() for i in idx}
+    per_epoch = len(epoch_batches(len(state.records), cfg.batch_size, 0, cfg.seed, buckets))
     history, window, t0 = [], [], time.time()
-    bar = tqdm(total=cfg.max_iters, initial=run.step, disable=not dist.master, desc="train")
-    while run.step < cfg.max_iters:
+    bar = tqdm(total=cfg.max_iters, initial=state.step, disable=not dist.master, desc="train")
+    while state.step < cfg.max_iters:
         # the data position is the step itself: resume needs no sampler state
-        batch = epoch_batches(len(run.records), cfg.batch_size, run.step // per_epoch, cfg.seed,
-                              buckets)[run.step % per_epoch]
-        window.append(train_step(run, cfg, batch, template_of[batch[0]]))
+        batch = epoch_batches(len(state.records), cfg.batch_size, state.step // per_epoch, cfg.seed,
+                              buckets)[state.step % per_epoch]
+        window.append(train_step(state, cfg, batch, template_of[batch[0]]))
         bar.update(1)
-        if run.step % cfg.log_interval == 0 or run.step == cfg.max_iters:
-            history.append(log_window(run, cfg, window, time.time() - t0, template_of[batch[0]]))
+        if state.step % cfg.log_interval == 0 or state.step == cfg.max_iters:
+            history.append(log_window(state, cfg, window, time.time() - t0, template_of[batch[0]]))
             window, t0 = [], time.time()
-        if run.step % cfg.save_interval == 0 or run.step == cfg.max_iters:
-            save(run, cfg)
+        if state.step % cfg.save_interval == 0 or state.step == cfg.max_iters:
+            save(state, cfg)
     bar.close()
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()
     return history
 
 
-def log_window(run, cfg, window, seconds, template):
+def log_window(state, cfg, window, seconds, template):
     """One log line (and a metrics.jsonl row) for the steps since the last one: loss, bit accuracy, tok/s, MFU."""
-    tok_s = sum(w[2] for w in window) * run.dist.world_size / seconds
-    _, schedule, _ = geometry(cfg.pn, cfg.image_size, template, run.vae.cfg.patch_size)
-    peak = peak_flops(run.dist.device)
-    flops = run.hear.estimate_flops_per_token(schedule, text_len=window[-1][3])
-    mfu = f"{100 * flops * tok_s / (peak * run.dist.world_size):.1f}%" if peak else "n/a"
-    row = {"step": run.step, "loss": sum(w[0] for w in window) / len(window),
+    tok_s = sum(w[2] for w in window) * state.dist.world_size / seconds
+    _, schedule, _ = geometry(cfg.pn, cfg.image_size, template, state.vae.cfg.patch_size)
+    peak = peak_flops(state.dist.device)
+    flops = state.hear.estimate_flops_per_token(schedule, text_len=window[-1][3])
+    mfu = f"{100 * flops * tok_s / (peak * state.dist.world_size):.1f}%" if peak else "n/a"
+    row = {"step": state.step, "loss": sum(w[0] for w in window) / len(window),
            "acc": (sum(w[1] for w in window) / len(window)).tolist(), "tok_s": tok_s}
     acc = "/".join(f"{a:.3f}" for a in row["acc"])
-    log(f"step {run.step}/{cfg.max_iters} | loss {row['loss']:.4f} | bit acc coarse/mid/fine {acc} | "
-        f"lr {run.opt.param_groups[0]['lr']:.2e} | {tok_s:.0f} tok/s | MFU {mfu}", cfg.out_dir, run.dist.master)
-    if run.dist.master:
+    log(f"step {state.step}/{cfg.max_iters} | loss {row['loss']:.4f} | bit acc coarse/mid/fine {acc} | "
+        f"lr {state.opt.param_groups[0]['lr']:.2e} | {tok_s:.0f} tok/s | MFU {mfu}", cfg.out_dir, state.dist.master)
+    if state.dist.master:
         with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
     return row

@@ -69,7 +69,7 @@ def test_multiscale_bsq_properties():
     f = torch.randn(3, d, 8, 8)
     q = tok.multiscale_bsq(f, schedule)
     torch.testing.assert_close(q["residual"] + q["z"], f, atol=1e-5, rtol=0)
-    z = sum(tok.resize(c, (8, 8), "trilinear") for c in q["codes"])
+    z = sum(tok.resample(c, (8, 8), "trilinear") for c in q["codes"])
     torch.testing.assert_close(q["z"], z, atol=1e-6, rtol=0)
     assert len(q["bits"]) == len(q["codes"]) == len(q["inputs"]) == len(schedule)
     for (h, w), bits, codes, r in zip(schedule, q["bits"], q["codes"], q["inputs"]):
@@ -80,7 +80,7 @@ def test_multiscale_bsq_properties():
     # each scale explains part of the features: the residual norm shrinks from the input to the end
     assert q["residual"].norm() < f.norm()
     torch.testing.assert_close(tok.bits_to_latent(q["bits"], schedule), q["z"], atol=1e-6, rtol=0)
-    assert tok.resize(f, (8, 8), "area") is f  # no-op at full size
+    assert tok.resample(f, (8, 8), "area") is f  # no-op at full size
     with pytest.raises(ValueError, match="must end at"):
         tok.multiscale_bsq(f, [(1, 1), (4, 4)])
 

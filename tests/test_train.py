@@ -38,7 +38,7 @@ def test_tiny_run_logs_and_checkpoint(tiny_run, tmp_path):
     from pipeline import load_run
 
     loaded = load_run(os.path.join(out, "ckpt.pt"))
-    assert loaded.step == 4 and loaded.captions("a red face")["input_ids"][-1] == 1  # </s> appended
+    assert loaded.step == 4 and loaded.caption_tokenizer("a red face")["input_ids"][-1] == 1  # </s> appended
 
 
 def test_resume_equals_uninterrupted(tiny_run, tmp_path):
@@ -97,7 +97,7 @@ def test_step_without_cache_encodes_each_image_once_in_fp32(tiny_run, tmp_path):
     """cache_features=False (the infinity_2b setting): one step encodes every target once with the tokenizer and every
     distinct reference once with the face encoder (never a reference's full image), with autocast off."""
     cfg = parse_config(train.Config, train.PRESETS, args(tiny_run, str(tmp_path / "r"), "--cache_features=False"))
-    run = train.build_run(cfg, setup_device("cpu"))
+    run = train.build_state(cfg, setup_device("cpu"))
     seen = {"vae": [], "face": []}
     for name, net in (("vae", run.vae), ("face", run.face_enc)):
         def encode(x, _orig=net.encode, _name=name):
