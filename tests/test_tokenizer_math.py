@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tokenizer as tok
-from conftest import parity_bar
+from conftest import parity_bar, quantizer_bar
 
 # [Infinity] dynamic_resolution.py, as tabulated in reference/infinity.md 1.5:
 # ratio -> ((1M pixels H, W), L at 1M, (0.25M pixels), L, (0.06M pixels), L); the inverse ratio swaps H and W.
@@ -81,8 +81,8 @@ def test_multiscale_bsq_properties():
         torch.testing.assert_close(codes.permute(0, 2, 3, 1), tok.bits_to_codes(bits))
     # each scale explains part of the features: the residual norm shrinks from the input to the end
     assert q["residual"].norm() < f.norm()
-    # codes rebuilt from bits can differ from the quantizer's in the last ulp: K resizes of <= 8 taps each
-    bar = parity_bar(q["z"], len(schedule), 8)
+    # codes rebuilt from bits can differ from the quantizer's in the last ulp
+    bar = quantizer_bar(q["z"], schedule)
     torch.testing.assert_close(tok.bits_to_latent(q["bits"], schedule), q["z"], atol=bar, rtol=0)
     assert tok.resize(f, (8, 8), "area") is f  # no-op at full size
     with pytest.raises(ValueError, match="must end at"):
@@ -172,7 +172,7 @@ def test_bsc_on_cuda_matches_cpu():
     x, labels = tok.bitwise_self_correction(f, schedule)
     xc, lc = tok.bitwise_self_correction(f.cuda(), schedule)
     assert torch.equal(lc.cpu(), labels)
-    assert (xc.cpu() - x).abs().max() <= parity_bar(x, len(schedule), 8)  # K trilinear resizes of <= 8 taps
+    assert (xc.cpu() - x).abs().max() <= quantizer_bar(x, schedule)
     for gen in (torch.Generator(), torch.Generator("cuda")):
         xg, lg = tok.bitwise_self_correction(f.cuda(), schedule, p_max=0.3, generator=gen.manual_seed(0))
         assert xg.is_cuda and lg.is_cuda
