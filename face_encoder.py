@@ -2,7 +2,7 @@
 The high-frequency face encoder of HEAR (paper section 3.2) and everything that turns a face photo into the tokens
 the transformer's identity paths read.
 
-  detection + crop:  InsightFace (FaceAnalysis, model pack buffalo_l) or `none` for pre-cropped faces
+  detection + crop:  make_face_detector: InsightFace (buffalo_l pack), dlib (offline, CC0 models) or `none` (crops)
   face mask:         Eq. (2)  w = alpha inside the face box, 1 outside
   composite loss:    Eq. (1)  0.2 L1 + 1.0 L2 + 1.0 VQ + 0.5 LPIPS + 0.1 "CLIP" (DINOv2 alignment) + 0.1 identity
   face tokens:       Eq. (5)  v = per-scale codes of the face crop, low -> high frequency; v_hf = v[FT:]
@@ -14,12 +14,14 @@ References:
   [HEAR]     HEAR: High-frequency Enhanced AutoRegressive modeling for identity-preserving generation (Eq. 1, 2, 5)
   [ArcFace]  Deng et al., arXiv:1801.07698 (IResNet backbones, insightface arcface_torch)
   [AdaFace]  Kim et al., arXiv:2204.00964 (IR-50/101 backbones, the paper's identity loss)
+  [dlib]     King, dlib-models (HOG detector, shape_predictor_5_face_landmarks, dlib_face_recognition_resnet_model_v1)
   [DINOv2]   Oquab et al., arXiv:2304.07193
   [LPIPS]    Zhang et al., arXiv:1801.03924
 
 Dimension letters: B batch, H/W image size, h/w latent size, d bits per token, L tokens, E embedding width.
 """
 
+import importlib.util
 import os
 
 import numpy as np
@@ -38,15 +40,31 @@ class FaceError(ValueError):
 # Face detection and cropping
 
 
+def _pack_folder(pack, root):
+    """The InsightFace model pack folder (`pack` itself when it is a folder) and whether it holds .onnx models."""
+    folder = os.path.expanduser(pack)
+    if not os.path.isdir(folder):
+        folder = os.path.join(os.path.expanduser(root), "models", pack)
+    return folder, os.path.isdir(folder) and any(f.endswith(".onnx") for f in os.listdir(folder))
+
+
+def _rank_faces(faces, rel=0.5):
+    """Every backend's multi-face policy: drop faces scoring under best - rel |best|, then largest first. Score first:
+    on skimage's astronaut() HOG also fires on the mission patch (score 0.12, 89 px; the face: 1.16, 90 px); a real
+    second face scores like the first and is kept (detect_face warns). InsightFace at det_thresh >= 0.5 keeps all."""
+    best = max((f["score"] for f in faces), default=0.0)
+    kept = [f for f in faces if f["score"] >= best - rel * abs(best)]
+    return sorted(kept, key=lambda f: -float((f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])))
+
+
 class InsightFaceDetector:
-    """InsightFace FaceAnalysis wrapper: boxes, 5-point landmarks and the recognition embedding per face.
-    The model pack is looked up in <root>/models/<pack> (or `pack` may be a folder); it is never downloaded."""
+    """InsightFace FaceAnalysis: 5 landmarks (eyes, nose, mouth corners), 512-d ArcFace embedding, probability
+    scores. The pack is looked up in <root>/models/<pack> (or `pack` may be a folder); it is never downloaded."""
+
+    name = "insightface"
 
     def __init__(self, pack="buffalo_l", root="~/.insightface", det_size=640, det_thresh=0.5, device="cpu"):
-        folder = os.path.expanduser(pack)
-        if not os.path.isdir(folder):
-            folder = os.path.join(os.path.expanduser(root), "models", pack)
-        has_onnx = os.path.isdir(folder) and any(f.endswith(".onnx") for f in os.listdir(folder))
+        folder, has_onnx = _pack_folder(pack, root)
         if not has_onnx:
             raise FaceError(f"InsightFace model pack '{pack}' not found in {folder}: download {pack}.zip from "
                             "https://github.com/deepinsight/insightface/releases (model-zoo) and unzip it there "
@@ -59,24 +77,82 @@ class InsightFaceDetector:
         self.det_thresh = det_thresh
 
     def __call__(self, image_rgb):
-        """image (H, W, 3) uint8 RGB -> list of dicts {box [x0,y0,x1,y1], kps (5,2), score, embedding (512,)},
-        largest face first."""
         faces = self.app.get(np.ascontiguousarray(image_rgb[:, :, ::-1]))  # insightface expects BGR
-        out = [{"box": f.bbox.astype(np.float32), "kps": f.kps, "score": float(f.det_score),
-                "embedding": getattr(f, "normed_embedding", None)} for f in faces]
-        return sorted(out, key=lambda f: -(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]))
+        return _rank_faces([{"box": f.bbox.astype(np.float32), "kps": f.kps, "score": float(f.det_score),
+                             "embedding": getattr(f, "normed_embedding", None)} for f in faces])
+
+
+class DlibDetector:
+    """dlib [dlib]: HOG detector (scores are SVM margins: dlib's threshold 0, real faces ~0.3-2.5; upsample 1 finds
+    faces down to ~40 px), 5 landmarks (image-right eye outer, inner corner, image-left eye outer, inner, nose base),
+    128-d ResNet embedding of the aligned face chip. dlib's rule is Euclidean distance d < 0.6 = same person on raw
+    descriptors of norm n ~1.3-1.5; unit-normalised here, d^2 ~ 2 n^2 (1 - cos), so d 0.6 ~ cos 0.9 (and different
+    people still score cos ~0.8). Models: package face-recognition-models (CC0), found without importing it."""
+
+    name = "dlib"
+
+    def __init__(self, det_thresh=0.0, upsample=1, models=None):
+        spec = importlib.util.find_spec("face_recognition_models")
+        if importlib.util.find_spec("dlib") is None or (spec is None and models is None):
+            raise FaceError("the dlib face backend needs `pip install dlib-bin face-recognition-models` (or use an "
+                            "InsightFace pack, or --face_detector=none for pre-cropped faces)")
+        import dlib
+
+        models = models or os.path.join(list(spec.submodule_search_locations)[0], "models")
+        files = [os.path.join(models, f) for f in ("shape_predictor_5_face_landmarks.dat",
+                                                   "dlib_face_recognition_resnet_model_v1.dat")]
+        for f in files:
+            if not os.path.isfile(f):
+                raise FaceError(f"dlib model file {f} missing: reinstall face-recognition-models")
+        self.hog = dlib.get_frontal_face_detector()
+        self.landmarks, self.recognizer = dlib.shape_predictor(files[0]), dlib.face_recognition_model_v1(files[1])
+        self.det_thresh, self.upsample = det_thresh, upsample
+
+    def __call__(self, image_rgb):
+        image = np.ascontiguousarray(image_rgb, dtype=np.uint8)
+        rects, scores, _ = self.hog.run(image, self.upsample, self.det_thresh)
+        # dlib rectangles are inclusive pixel indices; boxes here are pixel edges (pixel j covers [j, j+1))
+        faces = _rank_faces([{"box": np.array([r.left(), r.top(), r.right() + 1, r.bottom() + 1], np.float32),
+                              "score": float(s), "rect": r} for r, s in zip(rects, scores)])
+        for f in faces:  # landmarks and embedding only for the faces kept
+            shape = self.landmarks(image, f.pop("rect"))
+            f["kps"] = np.array([(p.x, p.y) for p in shape.parts()], np.float32)  # (5, 2)
+            e = np.array(self.recognizer.compute_face_descriptor(image, shape), np.float32)  # (128,)
+            f["embedding"] = e / np.linalg.norm(e)
+        return faces
+
+
+def make_face_detector(kind="auto", pack="buffalo_l", root="~/.insightface", det_thresh=None, device="cpu",
+                       log=print):
+    """kind: auto | insightface | dlib | none -> a backend, or None for `none` (the image is already a face crop).
+    A backend maps an image (H, W, 3) uint8 RGB to [{"box": float32 [x0, y0, x1, y1] pixels, "kps": float32 (5, 2)
+    (its own 5 landmarks) or None, "score": float, "embedding": unit float32 (E,) or None}], faces[0] the one to use
+    (_rank_faces); it has `name` and `det_thresh` (None: its default, InsightFace 0.5, dlib 0.0).
+    auto: InsightFace when its pack folder holds .onnx models (and insightface imports), else dlib; logged."""
+    if kind == "none":
+        return None
+    if kind not in ("auto", "insightface", "dlib"):
+        raise FaceError(f"--face_detector={kind}: choose auto, insightface, dlib or none")
+    if kind == "auto":
+        folder, has_pack = _pack_folder(pack, root)
+        has_pack = has_pack and importlib.util.find_spec("insightface") is not None
+        kind = "insightface" if has_pack else "dlib"
+        log(f"face detector: {kind} ({'pack' if has_pack else 'no InsightFace pack'} {pack} in {folder})")
+    if kind == "insightface":
+        return InsightFaceDetector(pack, root, det_thresh=0.5 if det_thresh is None else det_thresh, device=device)
+    return DlibDetector(det_thresh=0.0 if det_thresh is None else det_thresh)
 
 
 def detect_face(image_rgb, detector, name="image"):
-    """The largest face of a photo, with a warning naming how many were found. detector=None: the whole image
-    is the face (pre-cropped references, synthfaces)."""
+    """faces[0] of a backend (see _rank_faces), with a warning naming how many faces were kept. detector=None:
+    the whole image is the face (pre-cropped references, synthfaces)."""
     H, W = image_rgb.shape[:2]
     if detector is None:
         return {"box": np.array([0, 0, W, H], np.float32), "kps": None, "score": 1.0, "embedding": None}
     faces = detector(image_rgb)
     if not faces:
-        raise FaceError(f"no face found in {name} (threshold {detector.det_thresh}); use a clear frontal photo, "
-                        "lower --det_thresh, or pass a pre-cropped face with --face_detector=none")
+        raise FaceError(f"no face found in {name} ({detector.name}, threshold {detector.det_thresh}); use a clear "
+                        "frontal photo, lower --det_thresh, or pass a pre-cropped face with --face_detector=none")
     if len(faces) > 1:
         print(f"warning: {len(faces)} faces found in {name}; using the largest")
     return faces[0]
@@ -117,9 +193,11 @@ def face_mask(boxes, height, width, alpha=2.0):
 
 
 class IBlock(nn.Module):
-    """Pre-activation IR block: BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus shortcut."""
+    """Pre-activation IR block: BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus a shortcut: 1x1 conv + BN
+    where the layout puts one (arcface: stride != 1 or width change; adaface: width change only), else
+    parameter-free subsampling (AdaFace's MaxPool2d(1, stride) is exactly that)."""
 
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin, cout, stride, layout="arcface"):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
         self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
@@ -129,34 +207,40 @@ class IBlock(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
         self.stride = stride
         self.downsample = None
-        if stride != 1 or cin != cout:
+        if cin != cout or (stride != 1 and layout == "arcface"):
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=1e-5))
 
     def forward(self, x):
         out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
         if self.downsample is not None:
             return out + self.downsample(x)
-        return out + x[:, :, :: self.stride, :: self.stride]  # AdaFace's MaxPool2d(1, stride) == subsampling
+        return out + x[:, :, :: self.stride, :: self.stride]  # ceil(H / stride) rows, as conv2 (k3, pad 1) gives
 
 
 class IResNet(nn.Module):
-    """IResNet-{18,34,50,100} [ArcFace] at 112x112 -> (B, 512). `layers` = blocks per stage, e.g. (3, 4, 14, 3)."""
+    """IResNet-{18,34,50,100} at 112x112 -> (B, 512); `layers` = blocks per stage, e.g. (3, 4, 14, 3), stage widths
+    width * (1, 2, 4, 8), stride 2 in each stage's first block. Two published layouts (input (x / 255 - 0.5) / 0.5):
+      arcface  [ArcFace] arcface_torch iresnet: conv shortcut also in block 1 (64 -> 64, stride 2); affine final BN1d
+      adaface  [AdaFace] net.py BasicBlockIR: no shortcut tensors there; final BN1d without affine; BGR input. Its
+               forward also returns the embedding norm (a quality proxy); the identity loss needs only the direction."""
 
-    def __init__(self, layers=(3, 4, 14, 3), width=64, emb_dim=512, input_size=112, bgr=False):
+    def __init__(self, layers=(3, 4, 14, 3), width=64, emb_dim=512, input_size=112, layout="arcface"):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width, eps=1e-5)
         self.prelu = nn.PReLU(width)
         chans, cin, stages = [width, 2 * width, 4 * width, 8 * width], width, []
         for n, c in zip(layers, chans):
-            stages.append(nn.Sequential(*[IBlock(cin if i == 0 else c, c, 2 if i == 0 else 1) for i in range(n)]))
+            blocks = [IBlock(cin if i == 0 else c, c, 2 if i == 0 else 1, layout) for i in range(n)]
+            stages.append(nn.Sequential(*blocks))
             cin = c
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.bn2 = nn.BatchNorm2d(cin, eps=1e-5)
         side = input_size // 16
         self.fc = nn.Linear(cin * side * side, emb_dim)
-        self.features = nn.BatchNorm1d(emb_dim, eps=1e-5)
-        self.input_size, self.bgr = input_size, bgr
+        self.features = nn.BatchNorm1d(emb_dim, eps=1e-5, affine=layout == "arcface")
+        self.input_size, self.layout = input_size, layout
+        self.bgr = {"arcface": False, "adaface": True}[layout]  # KeyError for any other layout
 
     def forward(self, x):
         """x (B, 3, H, W) RGB in [-1, 1] (any size; resized to input_size) -> L2-normalised (B, E)."""
@@ -166,11 +250,11 @@ class IResNet(nn.Module):
             x = x.flip(1)
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = self.features(self.fc(self.bn2(x).flatten(1)))
+        x = self.features(self.fc(self.bn2(x).flatten(1)))  # dropout before fc is off at inference
         return F.normalize(x, dim=-1)
 
 
-# AdaFace (github.com/mk-minchul/AdaFace net.py) names -> ours; its ckpt is a Lightning {"state_dict": {"model.*"}}.
+# AdaFace (github.com/mk-minchul/AdaFace net.py) names -> ours. output_layer = [BN2d, Dropout, Flatten, Linear, BN1d].
 _ADAFACE_RENAMES = [("input_layer.0.", "conv1."), ("input_layer.1.", "bn1."), ("input_layer.2.", "prelu."),
                     ("output_layer.0.", "bn2."), ("output_layer.3.", "fc."), ("output_layer.4.", "features."),
                     ("res_layer.0.", "bn1."), ("res_layer.1.", "conv1."), ("res_layer.2.", "bn2."),
@@ -178,50 +262,57 @@ _ADAFACE_RENAMES = [("input_layer.0.", "conv1."), ("input_layer.1.", "bn1."), ("
                     ("shortcut_layer.", "downsample.")]
 
 
+def _adaface_to_ours(sd):
+    """AdaFace `body.N.` blocks (numbered straight through) -> `layer{s}.{i}.`, stages split where the width
+    changes; all other names through _ADAFACE_RENAMES. Returns (state_dict, blocks per stage)."""
+    body = sorted({int(k.split(".")[1]) for k in sd if k.startswith("body.")})
+    widths = [sd[f"body.{i}.res_layer.1.weight"].shape[0] for i in body if f"body.{i}.res_layer.1.weight" in sd]
+    if len(widths) != len(body) or widths != sorted(widths) or len(set(widths)) != 4:
+        raise FaceError("AdaFace checkpoint: expected 4 stages of `body.N.res_layer` IR blocks (IR-18/34/50/101)")
+    stage_of = {c: s for s, c in enumerate(sorted(set(widths)))}
+    counts, prefix = [0, 0, 0, 0], {}
+    for i, c in zip(body, widths):
+        prefix[i] = f"layer{stage_of[c] + 1}.{counts[stage_of[c]]}."
+        counts[stage_of[c]] += 1
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("body."):
+            k = prefix[int(k.split(".")[1])] + k.split(".", 2)[2]
+        for a, b in _ADAFACE_RENAMES:
+            k = k.replace(a, b)
+        out[k] = v
+    return out, tuple(counts)
+
+
 def load_iresnet(path):
-    """Load a frozen face recognizer. Accepted formats (torch.load weights_only=True):
-      - insightface arcface_torch `backbone.pth` (plain state_dict: conv1, bn1, prelu, layer1..4, bn2, fc, features),
-        RGB input;
-      - AdaFace `adaface_ir{50,101}_*.ckpt` (Lightning dict with state_dict keys `model.input_layer...`), BGR input.
-    Depth (blocks per stage) is inferred from the keys."""
+    """Load a frozen face recognizer strictly (every tensor used, none missing), torch.load weights_only=True:
+    arcface_torch `backbone.pth` (plain state_dict conv1 ... layer1..4 ... features), or AdaFace `adaface_ir*.ckpt`
+    (Lightning {"state_dict": {"model.input_layer...", "head.kernel"...}}; the training-only margin head is dropped).
+    Depth, width, embedding size and input size are inferred from the tensors."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FaceError(f"cannot read face recognizer {path}: {type(e).__name__}") from None
-    sd = sd.get("state_dict", sd)
-    adaface = any(k.startswith("model.input_layer") or k.startswith("input_layer") for k in sd)
-    if adaface:
-        sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.startswith("head.")}
-        body = sorted({int(k.split(".")[1]) for k in sd if k.startswith("body.")})
-        chans = [sd[f"body.{i}.res_layer.1.weight"].shape[0] for i in body]
-        stage_of = {c: s for s, c in enumerate(sorted(set(chans)))}
-        counts, renamed, seen = [0, 0, 0, 0], {}, {}
-        for i, c in zip(body, chans):
-            s = stage_of[c]
-            seen[i] = f"layer{s + 1}.{counts[s]}."
-            counts[s] += 1
-        for k, v in sd.items():
-            if k.startswith("body."):
-                i = int(k.split(".")[1])
-                k = seen[i] + k.split(".", 2)[2]
-            for a, b in _ADAFACE_RENAMES:
-                k = k.replace(a, b)
-            renamed[k] = v
-        sd, layers = renamed, tuple(counts)
+    except Exception as e:  # e.g. a Lightning ckpt whose hyper-parameters are pickled objects
+        raise FaceError(f"cannot read face recognizer {path} with weights_only=True ({type(e).__name__}); "
+                        "re-save just its state_dict") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
+    layout = "adaface" if any(k.removeprefix("model.").startswith("input_layer.") for k in sd) else "arcface"
+    if layout == "adaface":
+        sd, layers = _adaface_to_ours({k.removeprefix("model."): v for k, v in sd.items() if not k.startswith("head.")})
     else:
         layers = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{s}.")}) for s in range(1, 5))
-    if "conv1.weight" not in sd or "fc.weight" not in sd:
-        raise FaceError(f"{path} is not an IResNet (arcface_torch) or AdaFace checkpoint: no conv1/fc weights found")
-    width = sd["conv1.weight"].shape[0]
-    side = int(round((sd["fc.weight"].shape[1] / (8 * width)) ** 0.5))
-    net = IResNet(layers, width, sd["fc.weight"].shape[0], input_size=side * 16, bgr=adaface)
-    if "features.weight" not in sd:  # AdaFace's final BatchNorm1d has affine=False
-        sd["features.weight"], sd["features.bias"] = torch.ones(net.fc.out_features), torch.zeros(net.fc.out_features)
-    missing, unexpected = net.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+    if "conv1.weight" not in sd or "fc.weight" not in sd or 0 in layers:
+        raise FaceError(f"{path} is not an IResNet (arcface_torch) or AdaFace checkpoint: no conv1/fc/layer weights")
+    width, (emb_dim, flat) = sd["conv1.weight"].shape[0], sd["fc.weight"].shape
+    side = max(1, round((flat / (8 * width)) ** 0.5))  # fc reads the (8 width, side, side) map; a misfit fails below
+    net = IResNet(layers, width, emb_dim, input_size=side * 16, layout=layout)
+    try:
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        name = str(e).split("size mismatch for ")[-1].split(":")[0]
+        raise FaceError(f"{path}: tensor {name} has the wrong shape for a {layout} IResNet{list(layers)}") from None
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # a counter, unused at inference
     if missing or unexpected:
-        raise FaceError(f"{path} is not an IResNet/AdaFace checkpoint: missing {missing[:4]}, "
+        raise FaceError(f"{path} does not match the {layout} IResNet{list(layers)} layout: missing {missing[:4]}, "
                         f"unexpected {unexpected[:4]}")
     return net.eval().requires_grad_(False)
 

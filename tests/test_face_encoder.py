@@ -1,9 +1,12 @@
-"""face_encoder.py: Eq. (2) mask, Eq. (1) loss terms with real (tiny, random) backbones, IResNet loading,
+"""face_encoder.py: Eq. (2) mask, Eq. (1) loss terms with real (tiny, random) backbones, IResNet loading (AdaFace and
+arcface_torch layouts, built here from their published architectures),
 InsightFace error path and ONNX model-zoo loading, Eq. (5) token split."""
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import face_encoder as fe
 import tokenizer as tok
@@ -65,33 +68,118 @@ def test_off_terms_and_missing_networks_are_inactive():
     assert loss.active() == ["l1", "l2", "vq"]  # no LPIPS/DINO network given, id weight 0
 
 
-def test_iresnet_loads_arcface_and_adaface_layouts(tmp_path):
-    net = tiny_iresnet()
-    torch.save(net.state_dict(), tmp_path / "backbone.pth")
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert torch.allclose(fe.load_iresnet(str(tmp_path / "backbone.pth"))(x), net(x), atol=1e-6)
-    # the same weights under AdaFace's names (Lightning ckpt); BGR input convention
-    ada = {}
-    for k, v in net.state_dict().items():
-        for ours, theirs in [("conv1.", "input_layer.0."), ("bn1.", "input_layer.1."), ("prelu.", "input_layer.2."),
-                             ("bn2.", "output_layer.0."), ("fc.", "output_layer.3."), ("features.", "output_layer.4.")]:
-            if k.startswith(ours):
-                k = theirs + k[len(ours):]
-        if k.startswith("layer"):
-            stage, rest = int(k[5]) - 1, k.split(".", 2)[2]
-            for ours, theirs in [("bn1.", "res_layer.0."), ("conv1.", "res_layer.1."), ("bn2.", "res_layer.2."),
-                                 ("prelu.", "res_layer.3."), ("conv2.", "res_layer.4."), ("bn3.", "res_layer.5."),
-                                 ("downsample.", "shortcut_layer.")]:
-                if rest.startswith(ours):
-                    rest = theirs + rest[len(ours):]
-            k = f"body.{stage}.{rest}"
-        ada["model." + k] = v
-    torch.save({"state_dict": ada}, tmp_path / "adaface.ckpt")
-    loaded = fe.load_iresnet(str(tmp_path / "adaface.ckpt"))
-    assert loaded.bgr and torch.allclose(loaded(x.flip(1)), net(x), atol=1e-6)
+def ir_block(cin, cout, stride, conv_shortcut):
+    """Both published IR blocks: BN, conv3x3, BN, PReLU, conv3x3(stride), BN (+ shortcut conv1x1 + BN)."""
+    res = nn.Sequential(nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+                        nn.PReLU(cout), nn.Conv2d(cout, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+    short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if conv_shortcut else None
+    return res, short
+
+
+class AdaFaceBlock(nn.Module):  # AdaFace net.py BasicBlockIR: MaxPool2d(1, stride) shortcut when cin == cout
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.res_layer, short = ir_block(cin, cout, stride, cin != cout)
+        self.shortcut_layer = short if cin != cout else nn.MaxPool2d(1, stride)
+
+    def forward(self, x):
+        return self.res_layer(x) + self.shortcut_layer(x)
+
+
+class AdaFaceNet(nn.Module):  # AdaFace net.py Backbone(mode="ir") at 112 px, narrow (width 8 instead of 64) and short
+    def __init__(self, units=(2, 2, 2, 2), width=8, emb=32):
+        super().__init__()
+        self.input_layer = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                         nn.PReLU(width))
+        blocks, cin = [], width
+        for n, c in zip(units, [width, 2 * width, 4 * width, 8 * width]):
+            blocks += [AdaFaceBlock(cin if i == 0 else c, c, 2 if i == 0 else 1) for i in range(n)]
+            cin = c
+        self.body = nn.Sequential(*blocks)
+        self.output_layer = nn.Sequential(nn.BatchNorm2d(cin), nn.Dropout(0.4), nn.Flatten(),
+                                          nn.Linear(cin * 7 * 7, emb), nn.BatchNorm1d(emb, affine=False))
+
+    def forward(self, bgr):  # (B, 3, 112, 112) BGR, (x / 255 - 0.5) / 0.5 -> (unit embedding, its norm)
+        x = self.output_layer(self.body(self.input_layer(bgr)))
+        norm = x.norm(dim=1, keepdim=True)
+        return x / norm, norm
+
+
+class ArcFaceBlock(nn.Module):  # insightface arcface_torch IBasicBlock: conv downsample if stride != 1 or cin != cout
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        res, self.downsample = ir_block(cin, cout, stride, stride != 1 or cin != cout)
+        self.bn1, self.conv1, self.bn2, self.prelu, self.conv2, self.bn3 = res
+
+    def forward(self, x):
+        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        return out + (x if self.downsample is None else self.downsample(x))
+
+
+class ArcFaceNet(nn.Module):  # arcface_torch IResNet at 112 px, narrow; returns the raw (unnormalised) features
+    def __init__(self, units=(2, 2, 2, 2), width=8, emb=32):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
+        self.prelu = nn.PReLU(width)
+        cin = width
+        for s, (n, c) in enumerate(zip(units, [width, 2 * width, 4 * width, 8 * width])):
+            setattr(self, f"layer{s + 1}", nn.Sequential(*[ArcFaceBlock(cin if i == 0 else c, c, 2 if i == 0 else 1)
+                                                          for i in range(n)]))
+            cin = c
+        self.bn2, self.fc, self.features = nn.BatchNorm2d(cin), nn.Linear(cin * 49, emb), nn.BatchNorm1d(emb)
+
+    def forward(self, rgb):
+        x = self.prelu(self.bn1(self.conv1(rgb)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.features(self.fc(self.bn2(x).flatten(1)))
+
+
+def randomized(net):
+    """Random BN statistics/affines and PReLU slopes, so that every loaded tensor changes the output."""
+    torch.manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5), m.num_batches_tracked.fill_(7)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_(0, 0.1)
+        elif isinstance(m, nn.PReLU):
+            m.weight.data.uniform_(0.0, 0.5)
+    return net.eval()
+
+
+def test_adaface_checkpoint_loads_with_its_own_layout(tmp_path):
+    ref = randomized(AdaFaceNet())
+    assert isinstance(ref.body[0].shortcut_layer, nn.MaxPool2d)  # 8 -> 8, stride 2: no shortcut tensors in the file
+    ckpt = {f"model.{k}": v for k, v in ref.state_dict().items()}
+    ckpt["head.kernel"] = torch.randn(32, 100)  # the AdaFace margin head's class centres (training only)
+    torch.save({"state_dict": ckpt}, tmp_path / "adaface_ir18.ckpt")
+    net = fe.load_iresnet(str(tmp_path / "adaface_ir18.ckpt"))
+    assert net.layout == "adaface" and net.features.weight is None and net.input_size == 112
+    u8 = torch.randint(0, 256, (2, 3, 112, 112)).float()  # an RGB image batch
+    want, norm = ref((u8.flip(1) / 255 - 0.5) / 0.5)  # AdaFace's own input: BGR
+    # same float32 ops in the same order (kernels may differ): ~1e-7 relative per layer over ~20 layers on unit vectors
+    assert torch.allclose(net(u8 / 127.5 - 1), want, atol=1e-5) and norm.min() > 0
+    ckpt["model.body.0.shortcut_layer.0.weight"] = torch.zeros(8, 8, 1, 1)  # an ArcFace-style shortcut: refused
+    torch.save({"state_dict": ckpt}, tmp_path / "bad.ckpt")
+    with pytest.raises(fe.FaceError, match="unexpected.*layer1.0.downsample"):
+        fe.load_iresnet(str(tmp_path / "bad.ckpt"))
+
+
+def test_arcface_backbone_loads_strictly(tmp_path):
+    ref = randomized(ArcFaceNet())
+    assert ref.layer1[0].downsample is not None  # 8 -> 8, stride 2: a conv shortcut in this layout
+    torch.save(ref.state_dict(), tmp_path / "backbone.pth")
+    net = fe.load_iresnet(str(tmp_path / "backbone.pth"))
+    x = torch.rand(2, 3, 112, 112) * 2 - 1  # RGB, (x / 255 - 0.5) / 0.5
+    assert net.layout == "arcface" and torch.allclose(net(x), F.normalize(ref(x), dim=-1), atol=1e-5)
+    sd = ref.state_dict()
+    del sd["layer1.0.downsample.0.weight"]  # an AdaFace-style first block in an ArcFace file: refused
+    torch.save(sd, tmp_path / "short.pth")
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(fe.FaceError):
-        fe.load_iresnet(str(tmp_path / "bad.pth"))
+    for bad in ["short.pth", "bad.pth"]:
+        with pytest.raises(fe.FaceError) as e:
+            fe.load_iresnet(str(tmp_path / bad))
+        assert "\n" not in str(e.value)
 
 
 def test_detector_error_names_pack_and_folder(tmp_path):
