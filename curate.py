@@ -22,15 +22,13 @@ Stages (Fig. 3), each runnable alone with --stage=<name>, all of them in this or
   python curate.py --inputs=/data/celeba,/data/laion --vlm_model=/models/Qwen2.5-VL-32B-Instruct --out_dir=out/faces
   torchrun --standalone --nproc_per_node=8 curate.py ... (one shard per GPU; README "Data curation" for the paper run)
 
-Files: out_dir/<stage>/part-<i>-of-<n>.jsonl, one JSON record per item with its key (source folder/relative path,
-or synthetic/<n>.png); dropped items carry "drop": reason. Each batch is appended in one write + fsync, and a stage
-skips keys already present in any part, so a run killed at any point and restarted finishes with no duplicate and
-no lost item (a line cut by the kill is ignored and cut off). --shard=i/n: a process does the items with
-md5(key) % n == i and writes its own parts; shards meet only through these files (detect waits until all shards
-finished dedup, shard 0 waits for all before identities; nothing else is shared). Models are never downloaded.
+Files: out_dir/<stage>/part-<i>-of-<n>.jsonl, a record per item and its key (<folder name>/<relative path>, or
+synthetic/<n>.png; a drop carries its reason). Each batch is one append + fsync, and a stage skips the keys of any
+part, so a run killed anywhere and restarted ends with no duplicate and no lost item (a line cut by the kill is
+ignored). --shard=i/n: a process does the keys with md5(key) % n == i; shards meet only through these files (detect
+waits for every shard's dedup, shard 0 for all before identities). Models are never downloaded.
 """
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -71,7 +69,7 @@ class Config:
     face_root: str = "~/.insightface"  # InsightFace root folder
     det_thresh: Optional[float] = None  # detection score threshold; None = the backend's (InsightFace 0.5, dlib 0)
     det_max_side: int = 1024  # images are shrunk to this longer side for detection (boxes are mapped back)
-    min_face_frac: float = 0.1  # faces whose box side is below this fraction of the image's shorter side do not count
+    min_face_frac: float = 0.1  # faces with sqrt(box area) < this x the shorter image side are ignored (too small)
     multi_face: str = "drop"  # several faces that count: drop the image, or keep the largest
     # vision-language model (vlm_filter, recaption; also the refiner when refiner_model is empty)
     vlm_model: str = ""  # local transformers folder (Qwen/Qwen2.5-VL-32B-Instruct in the paper)
@@ -201,20 +199,15 @@ def detect_work(cfg, run):
     def one(item, img, s):
         W, H = item["width"], item["height"]
         faces = run.face(np.asarray(img)) if run.face else [{"box": [0, 0, img.width, img.height], **whole}]
-        side = [max(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) / s for f in faces]
-        big = [f for f, d in zip(faces, side) if d >= cfg.min_face_frac * min(W, H)]  # smaller faces do not count
+        for f in faces:
+            f["area"] = (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])
+        big = [f for f in faces if f["area"] ** 0.5 / s >= cfg.min_face_frac * min(W, H)]  # the others do not count
         rec = {"key": item["key"], "faces": len(big), "detector": getattr(run.face, "name", "none")}
         if not big:
             return {**rec, "drop": "face too small" if faces else "no face"}
         if len(big) > 1 and cfg.multi_face == "drop":
             return {**rec, "drop": "several faces"}
-        f = max(big, key=lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]))
-        box = np.clip(np.asarray(f["box"], np.float64) / s, 0, [W, H, W, H])
-        kps = None if f.get("kps") is None else np.round(np.asarray(f["kps"], np.float64) / s, 1).tolist()
-        emb = f.get("embedding")
-        emb = None if emb is None else base64.b64encode(np.asarray(emb, np.float16).tobytes()).decode()
-        return {**rec, "box": np.round(box, 1).tolist(), "kps": kps, "score": round(float(f["score"]), 4),
-                "embedding": emb, "skin_ita": cu.skin_ita(img, f["box"])}
+        return {**rec, **cu.face_fields(max(big, key=lambda f: f["area"]), img, s, W, H)}
 
     def work(items):
         loaded = run.pool.map(lambda it: cu.load_rgb(it["path"], cfg.det_max_side), items)
@@ -227,21 +220,25 @@ def detect_work(cfg, run):
 # Models: VLM / text model (transformers), diffusion pipeline (diffusers); local folders only
 
 
-def load_model(cfg, run, kind):
-    """kind: vlm | refiner | synth -> (model, processor) or a pipeline. One model is in memory at a time."""
+def model_folder(cfg, kind):
+    """kind: vlm | refiner | synth -> (kind, folder); a one-line error when the folder holds no model."""
     if kind == "refiner" and not cfg.refiner_model:
         kind = "vlm"  # a VLM also answers text-only prompts
     key = {"vlm": "vlm_model", "refiner": "refiner_model", "synth": "synth_model"}[kind]
-    path = os.path.expanduser(getattr(cfg, key))
-    if run.model and run.model[0] == (kind, path):
-        return run.model[1]
-    marker = "model_index.json" if kind == "synth" else "config.json"
+    path, marker = os.path.expanduser(getattr(cfg, key)), "model_index.json" if kind == "synth" else "config.json"
     if not os.path.isfile(os.path.join(path, marker)):
         raise UserError(f"--{key}={path!r} is not a model folder (no {marker}); models are read from local folders "
                         "only (see the README: Data curation)")
+    return kind, path
+
+
+def load_model(cfg, run, kind):
+    """kind: vlm | refiner | synth -> (model, processor) or a pipeline. One model is in memory at a time."""
+    kind, path = model_folder(cfg, kind)
+    if run.model and run.model[0] == (kind, path):
+        return run.model[1]
     run.model = None  # free the previous model first
-    if run.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op when CUDA was never used
     dtype = torch.bfloat16 if run.device.startswith("cuda") else torch.float32
     if kind == "synth":
         from diffusers import DiffusionPipeline
@@ -275,24 +272,19 @@ def ask(cfg, run, stage, kind, system, users, images=None):
     return answers
 
 
-def vlm_work(cfg, run, stage):
-    """vlm_filter (Facial Recognition Analyst) or recaption (Image Caption Creator) on a batch of images."""
-    system, user, parse = ((vp.ANALYST_SYSTEM, vp.ANALYST_USER, vp.analyst_fields) if stage == "vlm_filter" else
-                           (vp.CAPTIONER_SYSTEM, vp.CAPTIONER_USER, vp.caption_fields))
+def chat_work(cfg, run, stage):
+    """vlm_filter (Facial Recognition Analyst) and recaption (Image Caption Creator) on images, refine (Textual
+    Prompt Refiner) on the text of identity prompts, in the paper's input form `Input Prompt: "..."`."""
+    system, user, parse = vp.STAGE_PROMPTS[stage]
 
     def work(items):
-        images = [img for img, _ in run.pool.map(lambda it: cu.load_rgb(it["path"], cfg.vlm_max_side), items)]
-        answers = ask(cfg, run, stage, "vlm", system, [user] * len(items), images)
+        if stage == "refine":
+            users, images = [f'{user}\n\nInput Prompt: "{it["prompt"]}"' for it in items], None
+        else:
+            users = [user] * len(items)
+            images = [img for img, _ in run.pool.map(lambda it: cu.load_rgb(it["path"], cfg.vlm_max_side), items)]
+        answers = ask(cfg, run, stage, "refiner" if stage == "refine" else "vlm", system, users, images)
         return vp.records(items, answers, parse, f"{stage}_answer")
-
-    return work
-
-
-def refine_work(cfg, run):
-    def work(items):
-        users = [f'{vp.REFINER_USER}\n\nInput Prompt: "{it["prompt"]}"' for it in items]
-        answers = ask(cfg, run, "refine", "refiner", vp.REFINER_SYSTEM, users)
-        return vp.records(items, answers, vp.refine_fields, "refine_answer")
 
     return work
 
@@ -310,8 +302,7 @@ def synth_work(cfg, run):
         out = []
         for it, img in zip(items, images):
             path = os.path.join(folder, os.path.basename(it["key"]))
-            img.save(path + ".tmp", format="PNG")
-            os.replace(path + ".tmp", path)
+            cu.save_atomic(img, path)
             out.append({"key": it["key"], "path": os.path.relpath(path, os.path.dirname(folder)), "source": SYNTH,
                         "width": img.width, "height": img.height})
         return out
@@ -335,8 +326,7 @@ def stage_identities(cfg, run):
     test = set(persons[:max(n_test, 0)])
     recs = [{"key": k, "identity": p, "split": "test" if p in test else "train"} for k, p in sorted(person.items())]
     cu.write_atomic(os.path.join(cfg.out_dir, "identities.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
-    log(f"identities: {len(persons)} persons ({len(test)} held out) in {len(recs)} images, cosine >= {threshold}",
-        cfg.out_dir)
+    log(f"identities: {len(persons)} persons, {len(test)} held out, {len(recs)} images, cos>={threshold}", cfg.out_dir)
 
 
 def stage_balance(cfg, run):
@@ -353,8 +343,8 @@ def stage_balance(cfg, run):
     n_nat = min(len(natural), round(cfg.max_images * r / (r + 1))) if cfg.max_images else len(natural)
     n_syn = min(len(synthetic), round(n_nat / r) if r > 0 else len(synthetic))
     chosen = natural[:n_nat] + synthetic[:n_syn]
-    cu.write_atomic(os.path.join(cfg.out_dir, "balance.jsonl"),
-                 "".join(json.dumps({"key": k, "attributes": attrs[k]}) + "\n" for k in sorted(chosen)))
+    lines = [json.dumps({"key": k, "attributes": attrs[k]}) + "\n" for k in sorted(chosen)]
+    cu.write_atomic(os.path.join(cfg.out_dir, "balance.jsonl"), "".join(lines))
     log(f"balance: {n_nat} of {len(natural)} natural + {n_syn} of {len(synthetic)} synthetic images "
         f"(asked {r}:1), even over {'/'.join(names)}", cfg.out_dir)
 
@@ -379,9 +369,8 @@ def stage_export(cfg, run):
     cu.write_atomic(os.path.join(cfg.out_dir, "summary.json"), json.dumps(summary, indent=1) + "\n")
     cu.contact_sheet(os.path.join(cfg.out_dir, "contact_sheet.png"), MAP_STAGES, inp, rec, drops, sorted(chosen),
                      cfg.sheet_examples)
-    for s, c in summary["stages"].items():
-        log(f"{s:>10}: {c['in']:>7} in {c['kept']:>7} kept  {c['wall_s_per_item']:.4f} s/item  {c['dropped']}",
-            cfg.out_dir)
+    for line in cu.summary_table(summary["stages"]):
+        log(line, cfg.out_dir)
     log(f"export: {len(lines)} images of {summary['persons']} persons -> {cfg.out_dir}/manifest.jsonl", cfg.out_dir)
     if not lines:
         raise UserError(f"no image passed every stage; the counts per stage are in {cfg.out_dir}/summary.json")
@@ -414,17 +403,17 @@ def stage_detect(cfg, run):
 
 def stage_vlm(cfg, run, stage):
     inp = require(cfg, run, ["detect", "vlm_filter"][: 1 + (stage == "recaption")], everyone=False)[0]
-    run_map(cfg, run, stage, inp[stage], vlm_work(cfg, run, stage), cfg.vlm_batch)
+    run_map(cfg, run, stage, inp[stage], chat_work(cfg, run, stage), cfg.vlm_batch)
 
 
 def stage_synth(cfg, run):
     """Refine the prompts, draw them, then detect and recaption the new images (this shard's, in this order)."""
     if not cfg.synth_prompts:
         return log("synth: no --synth_prompts, so no synthetic images", cfg.out_dir)
-    run_map(cfg, run, "refine", plan(cfg, run)[0]["refine"], refine_work(cfg, run), cfg.vlm_batch)
+    run_map(cfg, run, "refine", plan(cfg, run)[0]["refine"], chat_work(cfg, run, "refine"), cfg.vlm_batch)
     run_map(cfg, run, "synth", plan(cfg, run)[0]["synth"], synth_work(cfg, run), cfg.synth_batch)
     run_map(cfg, run, "detect", plan(cfg, run)[0]["detect"], detect_work(cfg, run), 16, is_synthetic)
-    run_map(cfg, run, "recaption", plan(cfg, run)[0]["recaption"], vlm_work(cfg, run, "recaption"), cfg.vlm_batch,
+    run_map(cfg, run, "recaption", plan(cfg, run)[0]["recaption"], chat_work(cfg, run, "recaption"), cfg.vlm_batch,
             is_synthetic)
 
 
@@ -433,12 +422,11 @@ def main(cfg):
         raise UserError(f"--stage={cfg.stage}: choose all or one of {', '.join(STAGES)}")
     if cfg.multi_face not in ("drop", "largest"):
         raise UserError(f"--multi_face={cfg.multi_face}: choose drop or largest")
-    shard = cfg.shard if cfg.shard != "auto" else f"{os.environ.get('RANK', 0)}/{os.environ.get('WORLD_SIZE', 1)}"
-    try:
-        i, n = (int(x) for x in shard.split("/"))
-        assert 0 <= i < n
-    except (ValueError, AssertionError):
-        raise UserError(f"--shard={cfg.shard}: expected i/n with 0 <= i < n") from None
+    i, n = cu.parse_shard(cfg.shard)
+    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    synth = "synth" in stages and bool(cfg.synth_prompts)
+    for kind in ["vlm"] * bool({"vlm_filter", "recaption"} & set(stages) or synth) + ["refiner", "synth"] * synth:
+        model_folder(cfg, kind)  # a missing model is an error now, not hours into the run
     device = resolve_device(cfg.device)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one shard per GPU, no process group needed
@@ -450,7 +438,7 @@ def main(cfg):
                "vlm_filter": lambda c, r: stage_vlm(c, r, "vlm_filter"), "identities": stage_identities,
                "recaption": lambda c, r: stage_vlm(c, r, "recaption"), "balance": stage_balance, "export": stage_export}
     with run.pool:
-        for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
+        for stage in stages:
             if stage in ("identities", "balance", "export") and i != 0:
                 log(f"{stage}: done by shard 0", cfg.out_dir)
                 continue

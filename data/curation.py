@@ -64,6 +64,12 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
+def save_atomic(image, path):
+    """PIL image -> PNG at path, written to a temporary name first (a kill never leaves half an image)."""
+    image.save(f"{path}.tmp{os.getpid()}", format="PNG")
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
 def shard_of(key, n):
     return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % n
 
@@ -73,6 +79,18 @@ def read_jsonl(path, stage):
         raise UserError(f"{path} is missing: run --stage={stage} first")
     with open(path, encoding="utf-8") as f:
         return {r["key"]: r for r in map(json.loads, f)}
+
+
+def parse_shard(text):
+    """--shard: "i/n", or "auto" = torchrun's RANK/WORLD_SIZE (0/1 without torchrun) -> (i, n)."""
+    if text == "auto":
+        text = f"{os.environ.get('RANK', 0)}/{os.environ.get('WORLD_SIZE', 1)}"
+    try:
+        i, n = (int(x) for x in text.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise UserError(f"--shard={text}: expected i/n with 0 <= i < n") from None
+    return i, n
 
 
 def list_files(inputs):
@@ -127,6 +145,12 @@ def summarize(out_dir, stages, inp, rec, drops):
                   "dropped": dict(sorted(reasons.items())), "cpu_s_per_item": sum(t["cpu_s"] for t in times) / n,
                   "wall_s_per_item": sum(t["wall_s"] for t in times) / n}
     return out
+
+
+def summary_table(stages):
+    """summarize() -> printable lines, a stage per line."""
+    return [f"{s:>10}: {c['in']:>7} in {c['kept']:>7} kept  {c['cpu_s_per_item']:.4f} s/item cpu  "
+            f"{c['wall_s_per_item']:.4f} wall  {c['dropped'] or ''}" for s, c in stages.items()]
 
 
 # -----------------------------------------------------------------------------
@@ -201,6 +225,18 @@ def dedup_drops(hashes, max_dist):
         for key in keys:
             bands[key].append(ph)
     return drops
+
+
+def face_fields(face, img, s, width, height):
+    """A backend's face found in img (the photo shrunk by s) -> the detect record fields in full-size pixels: box
+    (clipped to the photo), landmarks, score, the identity embedding as base64 float16, skin ITA."""
+    box = np.clip(np.asarray(face["box"], np.float64) / s, 0, [width, height, width, height])
+    kps = face.get("kps")
+    emb = face.get("embedding")
+    return {"box": np.round(box, 1).tolist(), "score": round(float(face["score"]), 4),
+            "kps": None if kps is None else np.round(np.asarray(kps, np.float64) / s, 1).tolist(),
+            "embedding": None if emb is None else base64.b64encode(np.asarray(emb, np.float16).tobytes()).decode(),
+            "skin_ita": skin_ita(img, face["box"])}
 
 
 def skin_ita(img, box):

@@ -243,6 +243,12 @@ def refine_fields(answer):
     return {"refined": parse_refined(answer)}
 
 
+# curate.py stage -> (system prompt, user prompt, answer -> stored fields)
+STAGE_PROMPTS = {"vlm_filter": (ANALYST_SYSTEM, ANALYST_USER, analyst_fields),
+                 "recaption": (CAPTIONER_SYSTEM, CAPTIONER_USER, caption_fields),
+                 "refine": (REFINER_SYSTEM, REFINER_USER, refine_fields)}
+
+
 def records(items, answers, parse, field):
     """Answers -> stage records {key, <field>: answer, **parse(answer)}, or with "drop": the AnswerError reason
     (and "why": its detail) when the answer does not parse."""

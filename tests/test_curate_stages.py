@@ -169,16 +169,19 @@ def test_bad_input_is_one_line(models, tmp_path, one_thread):
             curate.main(config(tmp_path, *argv))
         assert "\n" not in str(e.value)
 
+    vlm = f"--vlm_model={models['vlm']}"
     (tmp_path / "empty").mkdir()
-    fails("no files in these folders", f"--inputs={tmp_path / 'empty'}")
+    fails("no files in these folders", f"--inputs={tmp_path / 'empty'}", vlm)
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.jpg").write_text("hello")
-    fails(r"no usable image .*'not an image': 1", f"--inputs={tmp_path / 'texts'}", f"--out_dir={tmp_path}/o1")
+    fails(r"no usable image .*'not an image': 1", f"--inputs={tmp_path / 'texts'}", f"--out_dir={tmp_path}/o1", vlm)
     folder = make_folder(str(tmp_path / "raw"))
     (tmp_path / "latin1.txt").write_bytes("une femme souriante, \xe9t\xe9\n".encode("latin-1"))
-    fails(r"is not UTF-8 text \(byte 21: 0xe9\)", f"--inputs={folder}", f"--synth_prompts={tmp_path}/latin1.txt")
+    fails(r"is not UTF-8 text \(byte 21: 0xe9\)", f"--inputs={folder}", f"--synth_prompts={tmp_path}/latin1.txt",
+          "--stage=scan")
     base = [f"--inputs={folder}", "--face_detector=none", "--max_new_tokens=8", f"--out_dir={tmp_path}/o2"]
     fails(r"--vlm_model='/no/such/folder' is not a model folder", *base, "--vlm_model=/no/such/folder")
+    assert not os.path.exists(tmp_path / "o2")  # refused before any work
     fails("the model returned nothing for a whole batch of 6", *base, f"--vlm_model={models['mute']}",
           "--vlm_batch=8")
 
