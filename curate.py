@@ -20,13 +20,12 @@ Stages (Fig. 3), each runnable alone with --stage=<name>, all of them in this or
               image), contact_sheet.png (kept and dropped examples per reason)
 
   python curate.py --inputs=/data/celeba,/data/laion --vlm_model=/models/Qwen2.5-VL-32B-Instruct --out_dir=out/faces
-  torchrun --standalone --nproc_per_node=8 curate.py ... (one shard per GPU; README "Data curation" for the paper run)
 
 Files: out_dir/<stage>/part-<i>-of-<n>.jsonl, a record per item and its key (<folder name>/<relative path>, or
 synthetic/<n>.png; a drop carries its reason). Each batch is one append + fsync, and a stage skips the keys of any
 part, so a run killed anywhere and restarted ends with no duplicate and no lost item (a line cut by the kill is
-ignored). --shard=i/n: a process does the keys with md5(key) % n == i; shards meet only through these files (detect
-waits for every shard's dedup, shard 0 for all before identities). Models are never downloaded.
+ignored). --shard=i/n (torchrun: one per GPU): a process does the keys with md5(key) % n == i; shards meet only
+through these files (detect waits for every shard's dedup, shard 0 for all before identities). README: Data curation.
 """
 
 import dataclasses
@@ -120,15 +119,17 @@ class Run:
 # The stage loop and the plan: what each stage must process, from the stage files as they are now
 
 
-def run_map(cfg, run, stage, items, work, batch, only=None):
-    """Run work(list of items) -> records on this shard's items the stage has not done yet, `batch` at a time,
-    appending each batch durably. items: {key: merged upstream record}."""
+def run_map(cfg, run, stage, items, only=None):
+    """Run the stage's work(list of items) -> records on this shard's items (only(key) ones) the stage has not done
+    yet, a batch at a time, appending each batch durably. items: {key: merged upstream record}."""
     i, n = run.shard
     done = cu.read_records(cfg.out_dir, stage)
     todo = [k for k in sorted(items) if cu.shard_of(k, n) == i and k not in done and (only is None or only(k))]
     if not todo:
         return
     path = os.path.join(cfg.out_dir, stage, f"part-{i:03d}-of-{n:03d}.jsonl")
+    work = WORK[stage](cfg, run, stage)  # loads the stage's model: not part of the time per item
+    batch = {"scan": 64, "dedup": 64, "detect": 16, "synth": cfg.synth_batch}.get(stage, cfg.vlm_batch)
     cpu, wall = time.process_time(), time.time()
     with tqdm(total=len(todo), desc=f"{stage} [{i}/{n}]", unit="img", mininterval=2) as bar:
         for s in range(0, len(todo), batch):
@@ -187,7 +188,17 @@ def require(cfg, run, stages, everyone):
 # Per-item work: scan, dedup, detect
 
 
-def detect_work(cfg, run):
+def file_work(cfg, run, stage):
+    """scan (is the file a usable image?) or dedup (its hashes), one thread per file."""
+    def one(item):
+        if stage == "dedup":
+            return cu.hash_image(item)
+        return {"key": item["key"], **cu.check_image(item["path"], cfg.min_side, cfg.max_pixels)}
+
+    return lambda items: list(run.pool.map(one, items))
+
+
+def detect_work(cfg, run, stage):
     """Batch of items -> detect records: the face kept, or why none is (score and size rules, several faces)."""
     if run.face is None and cfg.face_detector != "none":
         import face_encoder
@@ -250,7 +261,8 @@ def load_model(cfg, run, kind):
 
         proc = (tf.AutoProcessor if kind == "vlm" else tf.AutoTokenizer).from_pretrained(path, local_files_only=True)
         auto = tf.AutoModelForImageTextToText if kind == "vlm" else tf.AutoModelForCausalLM
-        obj = (auto.from_pretrained(path, local_files_only=True, dtype=dtype).to(run.device).eval(), proc)
+        placed = {"device_map": run.device} if run.device.startswith("cuda") else {}  # no 32B copy in host RAM
+        obj = (auto.from_pretrained(path, local_files_only=True, dtype=dtype, **placed).to(run.device).eval(), proc)
         getattr(proc, "tokenizer", proc).padding_side = "left"  # new tokens are appended on the right
     run.model = ((kind, path), obj)
     return obj
@@ -276,6 +288,7 @@ def chat_work(cfg, run, stage):
     """vlm_filter (Facial Recognition Analyst) and recaption (Image Caption Creator) on images, refine (Textual
     Prompt Refiner) on the text of identity prompts, in the paper's input form `Input Prompt: "..."`."""
     system, user, parse = vp.STAGE_PROMPTS[stage]
+    load_model(cfg, run, "refiner" if stage == "refine" else "vlm")
 
     def work(items):
         if stage == "refine":
@@ -289,13 +302,14 @@ def chat_work(cfg, run, stage):
     return work
 
 
-def synth_work(cfg, run):
+def synth_work(cfg, run, stage):
     """Refined prompts -> images (one seed per image index, so a redone image is the same) in out_dir/synth_images."""
     folder = os.path.join(os.path.abspath(cfg.out_dir), "synth_images")
     os.makedirs(folder, exist_ok=True)
 
+    pipe = load_model(cfg, run, "synth")
+
     def work(items):
-        pipe = load_model(cfg, run, "synth")
         gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + it["index"]) for it in items]
         images = pipe(prompt=[it["refined"] for it in items], height=cfg.synth_size, width=cfg.synth_size,
                       num_inference_steps=cfg.synth_steps, guidance_scale=cfg.synth_guidance, generator=gens).images
@@ -308,6 +322,10 @@ def synth_work(cfg, run):
         return out
 
     return work
+
+
+WORK = {"scan": file_work, "dedup": file_work, "detect": detect_work, "vlm_filter": chat_work, "recaption": chat_work,
+        "refine": chat_work, "synth": synth_work}  # stage -> (cfg, run, stage) -> work(items) -> records
 
 
 # -----------------------------------------------------------------------------
@@ -381,40 +399,25 @@ def stage_export(cfg, run):
 # Stages in order
 
 
-def stage_scan(cfg, run):
-    def check(item):
-        return {"key": item["key"], **cu.check_image(item["path"], cfg.min_side, cfg.max_pixels)}
-
-    run_map(cfg, run, "scan", plan(cfg, run)[0]["scan"], lambda items: list(run.pool.map(check, items)), 64)
+NEEDS = {"scan": ((), False), "dedup": (("scan",), False), "detect": (("scan", "dedup"), True),
+         "vlm_filter": (("detect",), False), "recaption": (("detect", "vlm_filter"), False)}  # (stages, every shard)
 
 
-def stage_dedup(cfg, run):
-    inp = require(cfg, run, ["scan"], everyone=False)[0]
-    run_map(cfg, run, "dedup", inp["dedup"], lambda b: list(run.pool.map(cu.hash_image, b)), 64)
-
-
-def stage_detect(cfg, run):
-    inp, _, rec, _ = require(cfg, run, ["scan", "dedup"], everyone=True)
-    if not inp["dedup"]:
+def stage_map(cfg, run, stage):
+    """scan, dedup, detect, vlm_filter, recaption: once the stages they read are done, do this shard's share."""
+    inp, _, rec, _ = require(cfg, run, *NEEDS[stage])
+    if stage == "detect" and not inp["dedup"]:
         reasons = Counter(r.get("drop") for r in rec["scan"].values())
         raise UserError(f"no usable image under --inputs={cfg.inputs} ({len(inp['scan'])} files: {dict(reasons)})")
-    run_map(cfg, run, "detect", inp["detect"], detect_work(cfg, run), 16)
-
-
-def stage_vlm(cfg, run, stage):
-    inp = require(cfg, run, ["detect", "vlm_filter"][: 1 + (stage == "recaption")], everyone=False)[0]
-    run_map(cfg, run, stage, inp[stage], chat_work(cfg, run, stage), cfg.vlm_batch)
+    run_map(cfg, run, stage, inp[stage])
 
 
 def stage_synth(cfg, run):
     """Refine the prompts, draw them, then detect and recaption the new images (this shard's, in this order)."""
     if not cfg.synth_prompts:
         return log("synth: no --synth_prompts, so no synthetic images", cfg.out_dir)
-    run_map(cfg, run, "refine", plan(cfg, run)[0]["refine"], chat_work(cfg, run, "refine"), cfg.vlm_batch)
-    run_map(cfg, run, "synth", plan(cfg, run)[0]["synth"], synth_work(cfg, run), cfg.synth_batch)
-    run_map(cfg, run, "detect", plan(cfg, run)[0]["detect"], detect_work(cfg, run), 16, is_synthetic)
-    run_map(cfg, run, "recaption", plan(cfg, run)[0]["recaption"], chat_work(cfg, run, "recaption"), cfg.vlm_batch,
-            is_synthetic)
+    for stage in ("refine", "synth", "detect", "recaption"):
+        run_map(cfg, run, stage, plan(cfg, run)[0][stage], is_synthetic)
 
 
 def main(cfg):
@@ -422,8 +425,7 @@ def main(cfg):
         raise UserError(f"--stage={cfg.stage}: choose all or one of {', '.join(STAGES)}")
     if cfg.multi_face not in ("drop", "largest"):
         raise UserError(f"--multi_face={cfg.multi_face}: choose drop or largest")
-    i, n = cu.parse_shard(cfg.shard)
-    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    (i, n), stages = cu.parse_shard(cfg.shard), STAGES if cfg.stage == "all" else (cfg.stage,)
     synth = "synth" in stages and bool(cfg.synth_prompts)
     for kind in ["vlm"] * bool({"vlm_filter", "recaption"} & set(stages) or synth) + ["refiner", "synth"] * synth:
         model_folder(cfg, kind)  # a missing model is an error now, not hours into the run
@@ -434,15 +436,13 @@ def main(cfg):
     save_config(cfg, cfg.out_dir, f"config-{i}-of-{n}.json")
     Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb check agrees with ours
     run, summary = Run((i, n), device, ThreadPoolExecutor(cfg.workers)), None
-    runners = {"scan": stage_scan, "dedup": stage_dedup, "detect": stage_detect, "synth": stage_synth,
-               "vlm_filter": lambda c, r: stage_vlm(c, r, "vlm_filter"), "identities": stage_identities,
-               "recaption": lambda c, r: stage_vlm(c, r, "recaption"), "balance": stage_balance, "export": stage_export}
+    runners = {"synth": stage_synth, "identities": stage_identities, "balance": stage_balance, "export": stage_export}
     with run.pool:
         for stage in stages:
             if stage in ("identities", "balance", "export") and i != 0:
                 log(f"{stage}: done by shard 0", cfg.out_dir)
                 continue
-            summary = runners[stage](cfg, run)
+            summary = runners[stage](cfg, run) if stage in runners else stage_map(cfg, run, stage)
     return summary
 
 
