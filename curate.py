@@ -171,14 +171,14 @@ def require(cfg, run, stages, everyone):
     i, n = run.shard
     start = time.time()
     while True:
-        inp, final, rec, drops = p = plan(cfg, run)
+        inp, _, rec, _ = p = plan(cfg, run)
         left = {s: sum(k not in rec[s] and (everyone or cu.shard_of(k, n) == i) for k in inp[s]) for s in stages}
         left = {s: c for s, c in left.items() if c}
         if not left:
             return p
         what = ", ".join(f"{s} has {c} items to do" for s, c in left.items())
         if not everyone or n == 1:
-            raise UserError(f"{what} (shard {i}/{n}): run --stage={next(iter(left))} first")
+            raise UserError(f"{what} (shard {i}/{n}): run --stage={next(iter(left)).replace('refine', 'synth')} first")
         if time.time() - start > cfg.wait_s:
             raise UserError(f"waited {cfg.wait_s:.0f}s for the other shards: {what}; are all {n} shards running?")
         time.sleep(min(10.0, cfg.wait_s))
@@ -306,7 +306,6 @@ def synth_work(cfg, run, stage):
     """Refined prompts -> images (one seed per image index, so a redone image is the same) in out_dir/synth_images."""
     folder = os.path.join(os.path.abspath(cfg.out_dir), "synth_images")
     os.makedirs(folder, exist_ok=True)
-
     pipe = load_model(cfg, run, "synth")
 
     def work(items):
