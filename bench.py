@@ -19,7 +19,8 @@ import torch
 
 import model as hear_model
 import tokenizer as tok
-from common import autocast, cli, peak_flops, run_info
+from common import autocast, cli, peak_flops, resolve_device, run_info
+from face_encoder import hf_split
 
 
 @dataclasses.dataclass
@@ -38,7 +39,8 @@ class Config:
     text_channels: int = 128
     codebook_dim: int = 32  # d
     text_len: int = 32  # caption tokens
-    hf_tokens: int = 100  # high-frequency face tokens (0 = no adapter)
+    face_size: int = 64  # reference face crop side: its token count fixes the face tokens (Eq. 5)
+    hf_first_scale: int = 3  # FT = tokens of the first hf_first_scale face scales; the rest are v_hf (0 = no adapter)
     patch_size: int = 8  # tokenizer stride
     vae_base_ch: int = 32  # tokenizer width
     vae_ch_mult: tuple = (1, 1, 2, 2)
@@ -50,8 +52,9 @@ class Config:
 
 PRESETS = {
     "synthfaces": {},
-    "infinity_2b": {"pn": "1M", "batch_size": 4, "text_len": 64, "hf_tokens": 10256, "patch_size": 16,
-                    "vae_base_ch": 128, "vae_ch_mult": (1, 2, 4, 4, 4), "compile": True, "grad_checkpointing": True},
+    "infinity_2b": {"pn": "1M", "batch_size": 4, "text_len": 64, "face_size": 1024, "hf_first_scale": 6,
+                    "patch_size": 16, "vae_base_ch": 128, "vae_ch_mult": (1, 2, 4, 4, 4), "compile": True,
+                    "grad_checkpointing": True},
 }
 
 
@@ -73,7 +76,7 @@ def timed(fn, cfg, device):
 
 
 def main(cfg):
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     torch.manual_seed(0)
     results = []
 
@@ -88,15 +91,18 @@ def main(cfg):
     sizes = hear_model.INFINITY_2B if cfg.preset == "infinity_2b" else dict(
         depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, codebook_dim=cfg.codebook_dim,
         text_channels=cfg.text_channels, text_maxlen=max(64, cfg.text_len))
+    face_schedule = tok.small_schedule(cfg.face_size // cfg.patch_size, cfg.face_size // cfg.patch_size)
+    n_global = hf_split(face_schedule, cfg.hf_first_scale)  # FT: v_g = v[:FT] (the synthfaces global view)
+    n_hf = tok.token_offsets(face_schedule)[-1] - n_global if cfg.hf_first_scale else 0  # v_hf = v[FT:], Eq. (5)
     mcfg = hear_model.ModelConfig(**sizes, use_global_face=True, global_face_dim=sizes["codebook_dim"],
-                                  use_hf_adapter=cfg.hf_tokens > 0, hf_face_dim=sizes["codebook_dim"],
+                                  use_hf_adapter=n_hf > 0, hf_face_dim=sizes["codebook_dim"],
                                   grad_checkpointing=cfg.grad_checkpointing)
     d, Ct = mcfg.codebook_dim, mcfg.text_channels
     net = hear_model.HEARTransformer(mcfg).to(device)
     text = torch.randn(B, cfg.text_len, Ct, device=device)
     lens = torch.full((B,), cfg.text_len, device=device)
-    v_g = torch.randn(B, 21, d, device=device) * d**-0.5
-    v_hf = torch.randn(B, cfg.hf_tokens, d, device=device) * d**-0.5 if cfg.hf_tokens else None
+    v_g = torch.randn(B, n_global, d, device=device) * d**-0.5
+    v_hf = torch.randn(B, n_hf, d, device=device) * d**-0.5 if n_hf else None
     fwd = torch.compile(net) if cfg.compile else net
 
     if "train" in cfg.what:
@@ -115,7 +121,7 @@ def main(cfg):
             torch.cuda.reset_peak_memory_stats()
         dt = timed(step, cfg, device)
         tok_s = B * L / dt
-        flops = net.estimate_flops_per_token(schedule, cfg.text_len + 21, cfg.hf_tokens)
+        flops = net.estimate_flops_per_token(schedule, cfg.text_len + n_global, n_hf)
         peak = peak_flops(device)
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
         report(what="train_step", params_M=round(net.num_params() / 1e6, 2), batch=B, tokens_per_image=L,
@@ -128,7 +134,7 @@ def main(cfg):
 
         def gen():
             with autocast(device, cfg.dtype):
-                net.generate(text, lens, schedule, grid, cfg=3.0, face_global=v_g, face_hf=v_hf,
+                net.generate(text, lens, schedule, grid, cfg_scale=3.0, face_global=v_g, face_hf=v_hf,
                              generator=torch.Generator(device=device).manual_seed(0))
 
         dt = timed(gen, cfg, device)

@@ -27,6 +27,10 @@ class UserError(Exception):
     """Bad input from the user (config, paths, data): reported as one line, no traceback."""
 
 
+class CheckpointMismatchError(UserError, ValueError):
+    """Weights that do not fit a model (missing / unexpected / mis-shaped tensors, a foreign file); one line."""
+
+
 # -----------------------------------------------------------------------------
 # Config: dataclass + presets + --key=value overrides
 
@@ -135,7 +139,7 @@ def cli(main, config_cls, presets):
         sys.exit(f"error: file not found: {e.filename or e}")
     except ValueError as e:
         # load errors of our library files (wrong checkpoint, bad shapes) are ValueError subclasses meant for users
-        if type(e).__module__ in ("tokenizer", "model", "face_encoder"):
+        if type(e).__module__ in ("common", "tokenizer", "model", "face_encoder"):
             sys.exit(f"error: {e}")
         raise
     except KeyboardInterrupt:
@@ -251,6 +255,39 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-torch files
         raise UserError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def read_state_dict(src, unwrap=()):
+    """A state dict from a dict, a .safetensors file or a torch.load(weights_only=True) file. The first `unwrap` key
+    that holds a dict is taken (official VAE files keep the weights under "vae", our training checkpoints under
+    "model"). A missing, truncated or foreign file raises CheckpointMismatchError with one line."""
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if not os.path.isfile(path):
+            raise CheckpointMismatchError(f"no such file: {path}")
+        try:
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file  # only needed for this format
+
+                src = load_file(path)
+            else:
+                src = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointMismatchError(f"cannot read {path} ({type(e).__name__}): not a .pth / .safetensors "
+                                          "state dict") from None
+    if not isinstance(src, dict):
+        raise CheckpointMismatchError(f"expected a state dict, got {type(src).__name__}")
+    for key in unwrap:
+        if isinstance(src.get(key), dict):
+            return dict(src[key])
+    return dict(src)
+
+
+def seeded_generator(*keys, device="cpu"):
+    """A torch.Generator whose stream is a function of a tuple of ints, e.g. (seed, epoch) or (seed, step, rank):
+    per-step draws depend only on the step, never on how many numbers earlier steps drew, so a resumed run and any
+    world size see the same numbers. hash() of a tuple of ints is the same in every Python process."""
+    return torch.Generator(device=device).manual_seed(hash(keys) % 2**63)
 
 
 def rng_state():

@@ -1,92 +1,97 @@
 """
-Evaluation on held-out identities (the "test" split; never seen in training).
+Evaluation on held-out identities (the "test" split; never seen in training). One function per --what:
 
-  tokenizers (paper Table 2/4: MSE on the 0-255 scale, SSIM, PSNR, PSNR inside the face box, identity similarity):
-    python eval.py --ckpts=out/tokenizer/ckpt.pt,out/face_encoder/ckpt.pt
-  generation (Table 1/3 style, synthfaces): FaceSim, identity retrieval, prompt adherence, seconds per image:
-    python eval.py --what=generation --ckpt=out/hear/ckpt.pt
+  tokenizer   (paper Table 2/4: MSE on the 0-255 scale, SSIM, PSNR, PSNR inside the face box, identity similarity):
+                python eval.py --what=tokenizer --ckpts=out/tokenizer/ckpt.pt,out/face_encoder/ckpt.pt
+  generation  (Table 1/3 style, synthfaces): FaceSim, identity retrieval, prompt adherence, seconds per image, with
+              the null-face control and the real-image bounds (also through the tokenizer: its ceiling):
+                python eval.py --what=generation --ckpt=out/hear/ckpt.pt
+  curves      train.py's metrics.jsonl -> loss and bit-accuracy curves PNG:
+                python eval.py --what=curves --metrics=out/hear/metrics.jsonl --out=curves.png
 
-Both print a markdown table (and write it to --out when set). Generation is scored by the synthfaces judge's
-*evaluator* networks, never by the identity network the face encoder was trained against.
+Tables are printed as markdown (and written to --out when set). Generation is scored by the synthfaces judge's
+*evaluator* networks, never by the identity network the face encoder was trained against (metrics.py).
 """
 
 import dataclasses
 import os
+import time
 
 import torch
 
-from common import cli, log, run_info, setup_device
+from common import UserError, cli, log, run_info, setup_device
+from data.manifest import load_image, read_manifest
+from metrics import evaluate_tokenizer, judge_scores, summarize
+from pipeline import generate, load_run, load_tokenizer
 
 
 @dataclasses.dataclass
 class Config:
     preset: str = "synthfaces"  # preset name
-    what: str = "tokenizer"  # tokenizer | generation
-    ckpt: str = "out/hear/ckpt.pt"  # generation: the train.py checkpoint
-    prompts_per_identity: int = 4  # generation: prompts (captions of other images) per held-out identity
-    guidance: float = 3.0  # generation: CFG scale
-    id_scale: float = 1.0  # generation: lambda of Eq. (7)
-    seed: int = 0  # generation: sampling seed
+    what: str = "tokenizer"  # tokenizer | generation | curves
+    data_dir: str = "data/synthfaces/out"  # manifest folder; the "test" split (held-out identities) is used
+    judge: str = "data/synthfaces/out/judge.pt"  # the synthfaces judge ("" = no identity column for tokenizers)
+    device: str = "auto"  # auto | cpu | cuda
+    out: str = ""  # optional output file: the markdown table (or the curves PNG)
+    # tokenizer
     ckpts: str = "out/tokenizer/ckpt.pt,out/face_encoder/ckpt.pt"  # comma-separated tokenizer checkpoints
     names: str = ""  # optional comma-separated row names (default: the checkpoint paths)
-    data_dir: str = "data/synthfaces/out"  # manifest folder; the "test" split (held-out identities) is used
     image_size: int = 64  # evaluation resolution (square)
     max_images: int = 400  # held-out images evaluated
-    device: str = "auto"  # auto | cpu | cuda
-    out: str = ""  # optional markdown file for the table
-    curves: str = ""  # instead: train.py metrics.jsonl -> loss and bit-accuracy curves PNG written to --out
-    judge: str = "data/synthfaces/out/judge.pt"  # synthfaces judge: adds identity similarity (its eval net); "" = off
+    # generation
+    ckpt: str = "out/hear/ckpt.pt"  # the train.py checkpoint
+    prompts_per_identity: int = 4  # prompts (captions of other images) per held-out identity
+    guidance: float = 3.0  # CFG scale
+    id_scale: float = 1.0  # lambda of Eq. (7)
+    seed: int = 0  # sampling seed
+    # curves
+    metrics: str = "out/hear/metrics.jsonl"  # train.py's metrics.jsonl
 
 
 PRESETS = {"synthfaces": {}}
 
+
+def write_table(table, cfg):
+    """Print a markdown table and write it to --out (when set)."""
+    log(table)
+    if cfg.out:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+        with open(cfg.out, "w") as f:
+            f.write(table + "\n")
+    return table
+
+
+def load_judge_or_fail(cfg, device):
+    from data.synthfaces.judge import load_judge
+
+    if not os.path.isfile(cfg.judge):
+        raise UserError(f"--judge={cfg.judge} not found; train it with python -m data.synthfaces.judge")
+    return load_judge(cfg.judge, device)
+
+
 # -----------------------------------------------------------------------------
-# Table 2 metrics (images in [-1, 1], compared on the 0-255 scale as the paper reports them)
+# Tokenizers (Table 2 / 4)
 
 
-def to_uint8(x):
-    """(B, 3, H, W) in [-1, 1] -> (B, 3, H, W) float on the 0..255 grid (rounded like a saved PNG)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round()
+def eval_tokenizers(cfg, device):
+    """One row per tokenizer checkpoint on the held-out images."""
+    records = read_manifest(cfg.data_dir, "test")[: cfg.max_images]
+    paths = [p for p in cfg.ckpts.split(",") if p]
+    names = cfg.names.split(",") if cfg.names else paths
+    if len(names) != len(paths):
+        raise UserError(f"--names has {len(names)} entries for {len(paths)} --ckpts")
+    judge = load_judge_or_fail(cfg, device) if cfg.judge else None
+    rows = ["| tokenizer | MSE (0-255) | SSIM | PSNR (dB) | face PSNR (dB) | ID sim |", "|---|---|---|---|---|---|"]
+    for name, path in zip(names, paths):
+        m = evaluate_tokenizer(load_tokenizer(path)[0].to(device), records, cfg.image_size, device, judge)
+        sim = f"{m['id_sim']:.4f}" if "id_sim" in m else "-"
+        rows.append(f"| {name} | {m['mse']:.2f} | {m['ssim']:.4f} | {m['psnr']:.2f} | {m['face_psnr']:.2f} | {sim} |")
+    log(f"held-out identities: {len(records)} images of {cfg.data_dir}")
+    return write_table("\n".join(rows), cfg)
 
 
-def mse_255(recon, target, mask=None):
-    """Per-image MSE on the 0-255 scale; mask (B, 1, H, W) in {0,1} restricts it to a region. -> (B,)"""
-    err = (to_uint8(recon) - to_uint8(target)).square()
-    if mask is None:
-        return err.flatten(1).mean(1)
-    mask = mask.expand_as(err)
-    return (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
-
-
-def psnr_from_mse(mse):
-    """PSNR in dB from a 0-255 MSE (per image); a perfect reconstruction is capped at 100 dB."""
-    return 10 * torch.log10(255.0**2 / mse.clamp_min(255.0**2 * 1e-10))
-
-
-def ssim(recon, target):
-    """Mean SSIM over images (skimage's Gaussian-free 7x7 default, data range 255, channels averaged). -> (B,)"""
-    from skimage.metrics import structural_similarity
-
-    r = to_uint8(recon).permute(0, 2, 3, 1).cpu().numpy()
-    t = to_uint8(target).permute(0, 2, 3, 1).cpu().numpy()
-    return torch.tensor([structural_similarity(a, b, channel_axis=-1, data_range=255.0) for a, b in zip(r, t)])
-
-
-def reconstruction_metrics(recon, target, boxes=None):
-    """Table 2 metrics for a batch -> dict of per-image tensors (mse, psnr, ssim and, with boxes, face_psnr)."""
-    from face_encoder import face_mask
-
-    mse = mse_255(recon, target)
-    out = {"mse": mse, "psnr": psnr_from_mse(mse), "ssim": ssim(recon, target)}
-    if boxes is not None:
-        inside = (face_mask(boxes, *target.shape[-2:], alpha=2.0) > 1).float().to(target.device)  # Eq. (2) region
-        out["face_psnr"] = psnr_from_mse(mse_255(recon, target, inside))
-    return out
-
-
-def summarize(per_image):
-    """{name: [tensors]} -> {name: mean float}; PSNR is averaged per image (the usual convention)."""
-    return {k: float(torch.cat(v).mean()) for k, v in per_image.items()}
+# -----------------------------------------------------------------------------
+# Training curves
 
 
 def plot_curves(metrics_path, png_path, width=640, height=300):
@@ -121,120 +126,74 @@ def plot_curves(metrics_path, png_path, width=640, height=300):
     return png_path
 
 
-def score(judge, images, ref_embs, own, attrs):
-    """Judge scores of images (B, 3, H, W) of identities `own` (B,) against reference embeddings (N, E) of all N
-    identities: FaceSim to the own reference, top-1 retrieval, and prompt adherence over the attributes (B dicts)."""
-    emb = judge.embed(judge.crop(images, judge.detect(images)), "eval")  # (B, E), face found by the judge's detector
-    sims = emb @ ref_embs.T  # (B, N)
-    logits = judge.classify(images)
-    hits = [float(logits[a][b].argmax() == judge.attributes[a].index(v)) for b, at in enumerate(attrs)
-            for a, v in at.items()]
-    return {"face_sim": sims[torch.arange(len(own)), own], "top1": (sims.argmax(1) == own).float(),
-            "prompt_acc": torch.tensor(hits)}
+# -----------------------------------------------------------------------------
+# Generation on held-out identities (Table 1 / 3 style)
 
 
-@torch.no_grad()
-def evaluate_generation(cfg, device, judge):
-    """Table 1/3-style rows on held-out identities: HEAR with the face, the null face (prompt only), and real images
-    of the same / another identity as upper bound / chance level."""
-    import time
-
-    from sample import Config as SampleConfig
-    from sample import generate, load_run
-    from data.manifest import load_image, read_manifest
-
-    run = load_run(cfg.ckpt, device)
-    size = run["cfg"].image_size
+def held_out_identities(cfg, face_size, device):
+    """-> (identity ids, {id: records}, reference crops (N, 3, S, S)): every test identity with a reference image
+    (its image 0) and at least one other image whose caption is a prompt."""
     by_id = {}
     for r in read_manifest(cfg.data_dir, "test"):
         by_id.setdefault(r["identity"], []).append(r)
-    ids = sorted(i for i in by_id if len(by_id[i]) > 1)  # a reference image plus at least one prompt
-    refs = torch.stack([load_image(by_id[i][0]["crop_path"], (run["cfg"].face_size,) * 2) for i in ids]).to(device)
-    ref_embs = judge.embed(refs, "eval")  # (N, E): one reference crop per identity (its image 0)
-    rows, gen = {}, torch.Generator(device=device).manual_seed(cfg.seed)
-    sampling = SampleConfig(cfg=cfg.guidance, id_scale=cfg.id_scale)
-    seconds = 0.0
+    ids = sorted(i for i in by_id if len(by_id[i]) > 1)
+    refs = torch.stack([load_image(by_id[i][0]["crop_path"], (face_size, face_size)) for i in ids]).to(device)
+    return ids, by_id, refs
+
+
+@torch.no_grad()
+def through_tokenizer(vae, images):
+    """Images -> encode, multi-scale quantize, decode: the best any generator decoding through `vae` can do."""
+    from tokenizer import small_schedule
+
+    side = images.shape[-1] // vae.cfg.patch_size
+    return vae.decode(vae.quantize(vae.encode(images), small_schedule(side, side))["z"])
+
+
+@torch.no_grad()
+def eval_generation(cfg, device):
+    """Rows: HEAR with the face, the null face (prompt only), real images of the same identity (upper bound), the
+    same real images through the tokenizer (the tokenizer's ceiling) and real images of another identity (chance)."""
+    judge, run = load_judge_or_fail(cfg, device), load_run(cfg.ckpt, device)
+    size = run.config["image_size"]
+    ids, by_id, refs = held_out_identities(cfg, run.config["face_size"], device)
+    ref_embs = judge.embed(refs, "eval")  # (N, E): one reference crop per identity
+    rows, gen, seconds, n_img = {}, torch.Generator(device=device).manual_seed(cfg.seed), 0.0, 0
     for n, i in enumerate(ids):
         recs = by_id[i][1: 1 + cfg.prompts_per_identity]  # prompts = captions of the identity's other images
         own, attrs = torch.full((len(recs),), n, device=device), [r["attributes"] for r in recs]
-        prompts = [r["caption_short"] for r in recs]
-        crops = refs[n: n + 1].expand(len(recs), -1, -1, -1)
+        prompts, crops = [r["caption_short"] for r in recs], refs[n: n + 1].expand(len(recs), -1, -1, -1)
         pool = by_id[ids[(n + 1) % len(ids)]]  # the next identity's images
         other = torch.stack([load_image(pool[k % len(pool)]["path"], (size, size)) for k in range(len(recs))])
-        other = other.to(device)
         real = torch.stack([load_image(r["path"], (size, size)) for r in recs]).to(device)
         t = time.time()
-        images = generate(run, prompts, crops, sampling, gen)[0]
-        seconds += time.time() - t
-        null = generate(run, prompts, crops, sampling, gen, null_face=True)[0]  # the same prompts, no face
+        images = generate(run, prompts, crops, gen, cfg.guidance, id_scale=cfg.id_scale)[0]
+        seconds, n_img = seconds + time.time() - t, n_img + len(recs)
+        null = generate(run, prompts, crops, gen, cfg.guidance, id_scale=cfg.id_scale, null_face=True)[0]
         for name, x in (("HEAR (face + prompt)", images), ("null face (prompt only)", null),
                         ("real image, same identity (upper bound)", real),
-                        ("real image, other identity (chance)", other)):
-            for k, v in score(judge, x, ref_embs, own, attrs).items():
+                        ("real image through the tokenizer (its ceiling)", through_tokenizer(run.vae, real)),
+                        ("real image, other identity (chance)", other.to(device))):
+            for k, v in judge_scores(judge, x, ref_embs, own, attrs).items():
                 rows.setdefault(name, {}).setdefault(k, []).append(v.cpu())
     table = ["| images | FaceSim | identity top-1 | prompt adherence |", "|---|---|---|---|"]
     for name, m in rows.items():
         m = summarize(m)
         table.append(f"| {name} | {m['face_sim']:.4f} | {m['top1']:.4f} | {m['prompt_acc']:.4f} |")
-    n_img = sum(min(len(by_id[i]) - 1, cfg.prompts_per_identity) for i in ids)
     table.append(f"\n{len(ids)} held-out identities x {cfg.prompts_per_identity} prompts, cfg {cfg.guidance}, "
                  f"top-1 chance {1 / len(ids):.3f}, {seconds / n_img:.3f} s per generated image (decoder included)")
-    return "\n".join(table)
+    return write_table("\n".join(table), cfg)
 
 
 def main(cfg):
-    if cfg.curves:
-        return log(f"wrote {plot_curves(cfg.curves, cfg.out or 'curves.png')}")
-    if cfg.what == "generation":
-        from data.synthfaces.judge import load_judge
-
-        device = setup_device(cfg.device).device
-        log(run_info(device))
-        table = evaluate_generation(cfg, device, load_judge(cfg.judge, device))
-        log(table)
-        if cfg.out:
-            with open(cfg.out, "w") as f:
-                f.write(table + "\n")
-        return table
-    import tokenizer as tok
-    from data.manifest import load_example, read_manifest
-    from train import load_tokenizer
-
+    if cfg.what == "curves":
+        return log(f"wrote {plot_curves(cfg.metrics, cfg.out or 'curves.png')}")
+    modes = {"tokenizer": eval_tokenizers, "generation": eval_generation}
+    if cfg.what not in modes:
+        raise UserError(f"--what={cfg.what!r}: choose tokenizer, generation or curves")
     device = setup_device(cfg.device).device
     log(run_info(device))
-    records = read_manifest(cfg.data_dir, "test")[: cfg.max_images]
-    paths = [p for p in cfg.ckpts.split(",") if p]
-    names = cfg.names.split(",") if cfg.names else paths
-    judge = None
-    if cfg.judge and os.path.isfile(cfg.judge):
-        from data.synthfaces.judge import load_judge
-
-        judge = load_judge(cfg.judge, device)
-    rows = ["| tokenizer | MSE (0-255) | SSIM | PSNR (dB) | face PSNR (dB) | ID sim |", "|---|---|---|---|---|---|"]
-    for name, path in zip(names, paths, strict=True):
-        vae = load_tokenizer(path)[0].to(device)
-        side = cfg.image_size // vae.cfg.patch_size
-        schedule, per_image = tok.small_schedule(side, side), {}
-        with torch.no_grad():
-            for i in range(0, len(records), 50):
-                ex = [load_example(r, (cfg.image_size, cfg.image_size)) for r in records[i: i + 50]]
-                x, boxes = torch.stack([e[0] for e in ex]).to(device), torch.stack([e[1] for e in ex])
-                recon = vae.decode(vae.quantize(vae.encode(x), schedule)["z"]).float().cpu()
-                for k, v in reconstruction_metrics(recon, x.cpu(), boxes).items():
-                    per_image.setdefault(k, []).append(v)
-                if judge is not None:  # cosine of the judge's evaluator embeddings, reconstruction vs original face
-                    emb = [judge.embed(judge.crop(im.to(device), boxes.to(device)), "eval") for im in (recon, x)]
-                    per_image.setdefault("id_sim", []).append((emb[0] * emb[1]).sum(1).cpu())
-        m = summarize(per_image)
-        sim = f"{m['id_sim']:.4f}" if "id_sim" in m else "-"
-        rows.append(f"| {name} | {m['mse']:.2f} | {m['ssim']:.4f} | {m['psnr']:.2f} | {m['face_psnr']:.2f} | {sim} |")
-    table = "\n".join(rows)
-    log(f"held-out identities: {len(records)} images of {cfg.data_dir}\n{table}")
-    if cfg.out:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-        with open(cfg.out, "w") as f:
-            f.write(table + "\n")
-    return table
+    return modes[cfg.what](cfg, device)
 
 
 if __name__ == "__main__":

@@ -2,175 +2,32 @@
 The high-frequency face encoder of HEAR (paper section 3.2) and everything that turns a face photo into the tokens
 the transformer's identity paths read.
 
-  detection + crop:  make_face_detector: InsightFace (buffalo_l pack), dlib (offline, CC0 models) or `none` (crops)
+  detection + crop:  face_detect.py (InsightFace or dlib backends, the one square crop)
   face mask:         Eq. (2)  w = alpha inside the face box, 1 outside
   composite loss:    Eq. (1)  0.2 L1 + 1.0 L2 + 1.0 VQ + 0.5 LPIPS + 0.1 "CLIP" (DINOv2 alignment) + 0.1 identity
   face tokens:       Eq. (5)  v = per-scale codes of the face crop, low -> high frequency; v_hf = v[FT:]
 
 The face encoder itself is a copy of the tokenizer (tokenizer.BSQVAE) fine-tuned with the composite loss by
-train_tokenizer.py --face_loss=True; the generation tokenizer is never modified.
+train_tokenizer.py --preset=synthfaces_face; the generation tokenizer is never modified.
 
 References:
   [HEAR]     HEAR: High-frequency Enhanced AutoRegressive modeling for identity-preserving generation (Eq. 1, 2, 5)
   [ArcFace]  Deng et al., arXiv:1801.07698 (IResNet backbones, insightface arcface_torch)
   [AdaFace]  Kim et al., arXiv:2204.00964 (IR-50/101 backbones, the paper's identity loss)
-  [dlib]     King, dlib-models (HOG detector, shape_predictor_5_face_landmarks, dlib_face_recognition_resnet_model_v1)
   [DINOv2]   Oquab et al., arXiv:2304.07193
   [LPIPS]    Zhang et al., arXiv:1801.03924
 
 Dimension letters: B batch, H/W image size, h/w latent size, d bits per token, L tokens, E embedding width.
 """
 
-import importlib.util
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import tokenizer as tok
-
-
-class FaceError(ValueError):
-    """A user-facing problem with face input or face models (no face, missing model pack, bad checkpoint)."""
-
-
-# -----------------------------------------------------------------------------
-# Face detection and cropping
-
-
-def _pack_folder(pack, root):
-    """The InsightFace model pack folder (`pack` itself when it is a folder) and whether it holds .onnx models."""
-    folder = os.path.expanduser(pack)
-    if not os.path.isdir(folder):
-        folder = os.path.join(os.path.expanduser(root), "models", pack)
-    return folder, os.path.isdir(folder) and any(f.endswith(".onnx") for f in os.listdir(folder))
-
-
-def _rank_faces(faces, rel=0.5):
-    """Every backend's multi-face policy: drop faces scoring under best - rel |best|, then largest first. Score first:
-    on skimage's astronaut() HOG also fires on the mission patch (score 0.12, 89 px; the face: 1.16, 90 px); a real
-    second face scores like the first and is kept (detect_face warns). InsightFace at det_thresh >= 0.5 keeps all."""
-    best = max((f["score"] for f in faces), default=0.0)
-    kept = [f for f in faces if f["score"] >= best - rel * abs(best)]
-    return sorted(kept, key=lambda f: -float((f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])))
-
-
-class InsightFaceDetector:
-    """InsightFace FaceAnalysis: 5 landmarks (eyes, nose, mouth corners), 512-d ArcFace embedding, probability
-    scores. The pack is looked up in <root>/models/<pack> (or `pack` may be a folder); it is never downloaded."""
-
-    name = "insightface"
-
-    def __init__(self, pack="buffalo_l", root="~/.insightface", det_size=640, det_thresh=0.5, device="cpu"):
-        folder, has_onnx = _pack_folder(pack, root)
-        if not has_onnx:
-            raise FaceError(f"InsightFace model pack '{pack}' not found in {folder}: download {pack}.zip from "
-                            "https://github.com/deepinsight/insightface/releases (model-zoo) and unzip it there "
-                            "(or set --face_model_root), or use --face_detector=none for pre-cropped faces")
-        from insightface.app import FaceAnalysis  # heavy import (onnxruntime, cv2) only when a detector is asked for
-
-        self.app = FaceAnalysis(name=folder, allowed_modules=["detection", "recognition"])
-        self.app.prepare(ctx_id=0 if str(device).startswith("cuda") else -1, det_thresh=det_thresh,
-                         det_size=(det_size, det_size))
-        self.det_thresh = det_thresh
-
-    def __call__(self, image_rgb):
-        faces = self.app.get(np.ascontiguousarray(image_rgb[:, :, ::-1]))  # insightface expects BGR
-        return _rank_faces([{"box": f.bbox.astype(np.float32), "kps": f.kps, "score": float(f.det_score),
-                             "embedding": getattr(f, "normed_embedding", None)} for f in faces])
-
-
-class DlibDetector:
-    """dlib [dlib]: HOG detector (scores are SVM margins: dlib's threshold 0, real faces ~0.3-2.5; upsample 1 finds
-    faces down to ~40 px), 5 landmarks (image-right eye outer, inner corner, image-left eye outer, inner, nose base),
-    128-d ResNet embedding of the aligned face chip. dlib's rule is Euclidean distance d < 0.6 = same person on raw
-    descriptors of norm n ~1.3-1.5; unit-normalised here, d^2 ~ 2 n^2 (1 - cos), so d 0.6 ~ cos 0.9 (and different
-    people still score cos ~0.8). Models: package face-recognition-models (CC0), found without importing it."""
-
-    name = "dlib"
-
-    def __init__(self, det_thresh=0.0, upsample=1, models=None):
-        spec = importlib.util.find_spec("face_recognition_models")
-        if importlib.util.find_spec("dlib") is None or (spec is None and models is None):
-            raise FaceError("the dlib face backend needs `pip install dlib-bin face-recognition-models` (or use an "
-                            "InsightFace pack, or --face_detector=none for pre-cropped faces)")
-        import dlib
-
-        models = models or os.path.join(list(spec.submodule_search_locations)[0], "models")
-        files = [os.path.join(models, f) for f in ("shape_predictor_5_face_landmarks.dat",
-                                                   "dlib_face_recognition_resnet_model_v1.dat")]
-        for f in files:
-            if not os.path.isfile(f):
-                raise FaceError(f"dlib model file {f} missing: reinstall face-recognition-models")
-        self.hog = dlib.get_frontal_face_detector()
-        self.landmarks, self.recognizer = dlib.shape_predictor(files[0]), dlib.face_recognition_model_v1(files[1])
-        self.det_thresh, self.upsample = det_thresh, upsample
-
-    def __call__(self, image_rgb):
-        image = np.ascontiguousarray(image_rgb, dtype=np.uint8)
-        rects, scores, _ = self.hog.run(image, self.upsample, self.det_thresh)
-        # dlib rectangles are inclusive pixel indices; boxes here are pixel edges (pixel j covers [j, j+1))
-        faces = _rank_faces([{"box": np.array([r.left(), r.top(), r.right() + 1, r.bottom() + 1], np.float32),
-                              "score": float(s), "rect": r} for r, s in zip(rects, scores)])
-        for f in faces:  # landmarks and embedding only for the faces kept
-            shape = self.landmarks(image, f.pop("rect"))
-            f["kps"] = np.array([(p.x, p.y) for p in shape.parts()], np.float32)  # (5, 2)
-            e = np.array(self.recognizer.compute_face_descriptor(image, shape), np.float32)  # (128,)
-            f["embedding"] = e / np.linalg.norm(e)
-        return faces
-
-
-def make_face_detector(kind="auto", pack="buffalo_l", root="~/.insightface", det_thresh=None, device="cpu",
-                       log=print):
-    """kind: auto | insightface | dlib | none -> a backend, or None for `none` (the image is already a face crop).
-    A backend maps an image (H, W, 3) uint8 RGB to [{"box": float32 [x0, y0, x1, y1] pixels, "kps": float32 (5, 2)
-    (its own 5 landmarks) or None, "score": float, "embedding": unit float32 (E,) or None}], faces[0] the one to use
-    (_rank_faces); it has `name` and `det_thresh` (None: its default, InsightFace 0.5, dlib 0.0).
-    auto: InsightFace when its pack folder holds .onnx models (and insightface imports), else dlib; logged."""
-    if kind == "none":
-        return None
-    if kind not in ("auto", "insightface", "dlib"):
-        raise FaceError(f"--face_detector={kind}: choose auto, insightface, dlib or none")
-    if kind == "auto":
-        folder, has_pack = _pack_folder(pack, root)
-        has_pack = has_pack and importlib.util.find_spec("insightface") is not None
-        kind = "insightface" if has_pack else "dlib"
-        log(f"face detector: {kind} ({'pack' if has_pack else 'no InsightFace pack'} {pack} in {folder})")
-    if kind == "insightface":
-        return InsightFaceDetector(pack, root, det_thresh=0.5 if det_thresh is None else det_thresh, device=device)
-    return DlibDetector(det_thresh=0.0 if det_thresh is None else det_thresh)
-
-
-def detect_face(image_rgb, detector, name="image"):
-    """faces[0] of a backend (see _rank_faces), with a warning naming how many faces were kept. detector=None:
-    the whole image is the face (pre-cropped references, synthfaces)."""
-    H, W = image_rgb.shape[:2]
-    if detector is None:
-        return {"box": np.array([0, 0, W, H], np.float32), "kps": None, "score": 1.0, "embedding": None}
-    faces = detector(image_rgb)
-    if not faces:
-        raise FaceError(f"no face found in {name} ({detector.name}, threshold {detector.det_thresh}); use a clear "
-                        "frontal photo, lower --det_thresh, or pass a pre-cropped face with --face_detector=none")
-    if len(faces) > 1:
-        print(f"warning: {len(faces)} faces found in {name}; using the largest")
-    return faces[0]
-
-
-def square_crop(image, box, margin=0.25, size=64):
-    """Square crop around a face box with a relative margin, zero-padded at the borders, resized to size x size.
-    image (3, H, W) float, box [x0, y0, x1, y1] in pixels -> (3, size, size)."""
-    x0, y0, x1, y1 = [float(v) for v in box]
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    half = max(x1 - x0, y1 - y0) * (1 + margin) / 2
-    left, top = int(round(cx - half)), int(round(cy - half))
-    side = max(1, int(round(2 * half)))
-    H, W = image.shape[-2:]
-    pad = (max(0, -left), max(0, left + side - W), max(0, -top), max(0, top + side - H))  # (l, r, t, b)
-    padded = F.pad(image, pad)
-    crop = padded[:, top + pad[2]: top + pad[2] + side, left + pad[0]: left + pad[0] + side]
-    return F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+from face_detect import FaceError, square_crop  # noqa: F401 (FaceError: re-exported)
 
 
 # -----------------------------------------------------------------------------
@@ -318,16 +175,16 @@ def load_iresnet(path):
 
 
 class CropEmbedder(nn.Module):
-    """A recognizer (e.g. IResNet) as an identity embedder of whole images: square face crop with a margin, then
-    the network. (B, 3, H, W), boxes (B, 4) pixels -> (B, E). Differentiable w.r.t. the images."""
+    """A recognizer (e.g. IResNet) as an identity embedder of whole images: square face crop of side
+    scale * max(box w, h), then the network. (B, 3, H, W), boxes (B, 4) pixels -> (B, E). Differentiable w.r.t. the
+    images."""
 
-    def __init__(self, net, margin=0.25):
+    def __init__(self, net, scale=1.25):
         super().__init__()
-        self.net, self.margin = net, margin
+        self.net, self.scale = net, scale
 
     def forward(self, images, boxes):
-        size = getattr(self.net, "input_size", 112)
-        return self.net(torch.stack([square_crop(x, b, self.margin, size) for x, b in zip(images, boxes)]))
+        return self.net(square_crop(images, boxes, self.scale, getattr(self.net, "input_size", 112)))
 
 
 # -----------------------------------------------------------------------------
@@ -419,18 +276,42 @@ def hf_split(schedule, hf_first_scale):
     return tok.token_offsets(schedule)[hf_first_scale]
 
 
+def face_schedule(face_size, patch_size, hf_first_scale):
+    """The scale schedule of a face_size crop, checked against hf_first_scale (FT must leave high-frequency tokens)."""
+    schedule = tok.small_schedule(face_size // patch_size, face_size // patch_size)
+    if not 0 < hf_first_scale < len(schedule):
+        raise FaceError(f"hf_first_scale={hf_first_scale} leaves no high-frequency face tokens: a {face_size} px crop "
+                        f"has {len(schedule)} scales {schedule}; choose 1 .. {len(schedule) - 1}")
+    return schedule
+
+
 @torch.no_grad()
-def face_tokens(face_encoder, crops, schedule, hf_first_scale):
-    """Encode face crops (B, 3, H, W) in [-1, 1] into frequency-ordered tokens.
-    Returns v (B, L_face, d) = per-scale codes concatenated low -> high frequency, v_global = v[:, :FT] (the global
-    face tokens of the synthfaces preset) and v_hf = v[:, FT:] (Eq. 5, before W_hf which lives in model.py)."""
-    features = face_encoder.encode(crops)  # (B, d, h, w)
-    bits = face_encoder.quantize(features, schedule)["bits"]  # K x (B, h_k, w_k, d)
+def face_tokens(face_encoder, crops, hf_first_scale, global_encoder=None):
+    """Eq. (5) [HEAR]: reference face crops (B, 3, S, S) in [-1, 1] -> (v_g, v_hf). v (B, L_face, d) = the face
+    encoder's per-scale codes of the crop, low -> high frequency; v_hf = v[:, FT:] (before W_hf, which lives in
+    model.py); v_g = v[:, :FT] (the synthfaces global view) or the global encoder's tokens (CLIP, real presets).
+    Always fp32 (autocast off, as the official code encodes), so training and sampling see the same face bits."""
+    schedule = face_schedule(crops.shape[-1], face_encoder.cfg.patch_size, hf_first_scale)
+    with torch.autocast(crops.device.type, enabled=False):
+        bits = face_encoder.quantize(face_encoder.encode(crops.float()), schedule)["bits"]  # K x (B, h_k, w_k, d)
+        v_g = None if global_encoder is None else global_encoder(crops.float())
     # tokens from the bits (exact +-1/sqrt(d) values, as decoding sees them), not the straight-through forward value,
     # whose last ulp depends on the batch the crop was encoded in
-    v = torch.cat([tok.bits_to_codes(b).flatten(1, 2) for b in bits], dim=1)  # (B, L_face, d)
+    v = tok.bits_to_sequence(bits)  # (B, L_face, d)
     ft = hf_split(schedule, hf_first_scale)
-    return v, v[:, :ft], v[:, ft:]
+    return (v[:, :ft] if v_g is None else v_g), v[:, ft:]
+
+
+def build_global_encoder(spec, device="cpu"):
+    """--global_face: "lowfreq" -> None (v[:FT] is the global view); "clip:<folder>" -> a frozen CLIP vision tower."""
+    if spec == "lowfreq":
+        return None
+    from transformers import CLIPVisionModelWithProjection
+
+    path = spec.removeprefix("clip:")
+    if not spec.startswith("clip:") or not os.path.isdir(path):
+        raise FaceError(f"--global_face={spec!r}: use lowfreq or clip:<local CLIPVisionModelWithProjection folder>")
+    return ClipGlobalEncoder(CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)).to(device)
 
 
 class ClipGlobalEncoder(nn.Module):

@@ -26,7 +26,6 @@ hd head dim, T text tokens, Ct text width, N face tokens, d bits per token, h/w 
 
 import functools
 import math
-import os
 import re
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -36,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer import bits_to_codes, resize, token_offsets
+from common import CheckpointMismatchError, read_state_dict  # noqa: F401 (CheckpointMismatchError: re-exported)
+from tokenizer import add_scale, token_offsets
 
 try:  # FlexAttention (torch >= 2.5) runs the block-causal mask tile by tile instead of as an L x L tensor
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -61,6 +61,7 @@ class ModelConfig:
     global_face_dim: int = 512  # width of the global face tokens v_g (projected to Ct by face_global_proj)
     use_hf_adapter: bool = False  # HEAR Eq. (5)-(7): decoupled high-frequency cross-attention in every block
     hf_face_dim: int = 32  # width of the high-frequency face tokens v_hf (d of the face encoder's codes)
+    attn_backend: str = "auto"  # training mask kernel: auto (FlexAttention on CUDA, else SDPA) | flex | sdpa
 
     def __post_init__(self):
         if self.num_heads < 1 or self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
@@ -202,9 +203,10 @@ class CrossAttention(nn.Module):
         kv = F.linear(src, weight, torch.cat((torch.zeros_like(v_bias), v_bias)))  # (B, T, 2C)
         return kv.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x, src, src_mask, hf=None, id_scale=1.0, cache=None):
+    def forward(self, x, src, src_mask, hf=None, hf_null=None, id_scale=1.0, cache=None):
         """x (B, l, C) queries (None: the learned pool query, l = 1), src (B, T, kv_dim), src_mask (B, T) bool
-        (True = real token), hf (B, N, C) high-frequency face tokens or None -> (B, l, C)."""
+        (True = real token), hf (B_f, N, C) high-frequency face tokens of the first B_f rows or None, hf_null (1, 1, C)
+        the projected zero face token of the remaining B - B_f rows -> (B, l, C)."""
         B = src.shape[0]
         if x is None:
             q = self.mat_q.unsqueeze(2).expand(B, -1, -1, -1)  # (B, H, 1, hd)
@@ -223,11 +225,17 @@ class CrossAttention(nn.Module):
             if cache is not None and "ca_hf" in cache:
                 k_hf, v_hf = cache["ca_hf"]
             else:
-                k_hf, v_hf = self._keys_values(hf, self.mat_kv_hf.weight, self.v_bias_hf)  # (B, H, N, hd)
+                k_hf, v_hf = self._keys_values(hf, self.mat_kv_hf.weight, self.v_bias_hf)  # (B_f, H, N, hd)
                 if cache is not None:
                     cache["ca_hf"] = (k_hf, v_hf)
-            # Eq. (6)-(7) [HEAR]: Z' = Z_g + lambda * softmax(Q K'^T / sqrt(hd)) V', same Q; lambda = id_scale
-            z = z + id_scale * F.scaled_dot_product_attention(q, k_hf.to(q.dtype), v_hf.to(q.dtype))
+            # Eq. (6) [HEAR]: Z_hf = softmax(Q K'^T / sqrt(hd)) V', the same Q as Eq. (4)
+            z_hf = F.scaled_dot_product_attention(q[: len(hf)], k_hf.to(q.dtype), v_hf.to(q.dtype))
+            if hf_null is not None:
+                # rows after B_f (CFG's unconditional half) have zero face tokens, which W_hf maps to one vector: all
+                # their keys are equal, so the softmax is uniform and Z_hf is that token's value, at any N
+                v_null = self._keys_values(hf_null, self.mat_kv_hf.weight, self.v_bias_hf)[1]  # (1, H, 1, hd)
+                z_hf = torch.cat((z_hf, v_null.to(q.dtype).expand(B - len(hf), -1, q.shape[2], -1)))
+            z = z + id_scale * z_hf  # Eq. (7) [HEAR]: Z' = Z_g + lambda Z_hf; lambda = id_scale (1 in training)
         return self.proj(z.transpose(1, 2).reshape(B, q.shape[2], -1))  # (B, l, C)
 
 
@@ -262,7 +270,8 @@ class Condition(NamedTuple):
     gss: torch.Tensor  # (B, 1, 6, C) shared AdaLN projection of cond
     kv: torch.Tensor  # (B, T', C) cross-attention source f of Eq. (3): projected text (+ global face) tokens
     kv_mask: torch.Tensor  # (B, T') bool, True = real token
-    hf: torch.Tensor | None  # (B, N, C) projected high-frequency face tokens v_hf of Eq. (5), or None
+    hf: torch.Tensor | None  # (B_f, N, C) projected high-frequency face tokens v_hf of Eq. (5), or None
+    hf_null: torch.Tensor | None  # (1, 1, C) projected zero face token of rows B_f.. (CFG's unconditional half)
     id_scale: float  # lambda of Eq. (7)
 
 
@@ -292,7 +301,7 @@ class Block(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + c.gss).unbind(2)  # (B, 1, C) each
         h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1 + scale1) + shift1
         x = x + self._drop(self.sa(h, rope, attn_mask, cache) * gamma1)
-        x = x + self.ca(self.ca_norm(x), c.kv, c.kv_mask, c.hf, c.id_scale, cache)
+        x = x + self.ca(self.ca_norm(x), c.kv, c.kv_mask, c.hf, c.hf_null, c.id_scale, cache)
         h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1 + scale2) + shift2
         return x + self._drop(self.ffn(h) * gamma2)
 
@@ -375,7 +384,6 @@ class HEARTransformer(nn.Module):
             self.face_global_proj = nn.Linear(cfg.global_face_dim, Ct)  # v_g -> text width (then W_g of Eq. 3)
         if cfg.use_hf_adapter:
             self.face_hf_proj = nn.Linear(cfg.hf_face_dim, C)  # W_hf of Eq. (5)
-        self.attn_backend = "auto"  # training mask: "auto" = FlexAttention on CUDA else SDPA; "flex"; "sdpa"
         self._block_masks = {}  # FlexAttention BlockMask per (schedule, device), rebuilt on demand
         self.init_weights()
 
@@ -422,12 +430,17 @@ class HEARTransformer(nn.Module):
         """Names of the parameters HEAR adds to Infinity (face projections, W'_K / W'_V and their v bias)."""
         return [n for n, _ in self.named_parameters() if any(m in n for m in HEAR_PARAM_MARKERS)]
 
-    def freeze_backbone(self, also_train=()):
-        """Train only the HEAR-only parameters (plus names containing any of `also_train`, e.g. "text_proj_for_ca"
-        for W_g); returns the trainable names."""
-        keep = set(self.hear_parameter_names())
+    def set_trainable(self, train_params="all"):
+        """Which parameters train -> their names. all: every one; hear: HEAR's new parameters only (W_hf, W'_K, W'_V
+        with its V bias, the global projection); adapter: those + every block cross-attention's W_Q, W_K, W_V (with
+        their biases) + W_g (text_proj_for_ca), the projections Eq. (3)-(4) call trainable."""
+        if train_params not in ("all", "adapter", "hear"):
+            raise ValueError(f"train_params={train_params!r}: choose all, adapter or hear")
+        new = set(self.hear_parameter_names())
         for n, p in self.named_parameters():
-            p.requires_grad_(n in keep or any(s in n for s in also_train))
+            attn = n.startswith("blocks.") and any(s in n for s in (".ca.mat_q.", ".ca.mat_kv.", ".ca.v_bias"))
+            proj = attn or n.startswith("text_proj_for_ca.")
+            p.requires_grad_(train_params == "all" or n in new or (train_params == "adapter" and proj))
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def num_params(self, trainable_only=False):
@@ -465,7 +478,8 @@ class HEARTransformer(nn.Module):
 
     def encode_condition(self, text, text_lens, face_global=None, face_hf=None, id_scale=1.0):
         """text (B, T, Ct) zero-padded, text_lens (B,) >= 1, face_global (B, N_g, global_face_dim) or None,
-        face_hf (B, N_hf, hf_face_dim) or None -> Condition. Runs in fp32 (autocast off), as official."""
+        face_hf (B_f <= B, N_hf, hf_face_dim) or None (rows B_f.. get zero face tokens) -> Condition. Runs in fp32
+        (autocast off), as official."""
         for tokens, flag in ((face_global, "use_global_face"), (face_hf, "use_hf_adapter")):
             if tokens is not None and not getattr(self.cfg, flag):
                 raise ValueError(f"face tokens given, but the model was built with {flag}=False")
@@ -486,16 +500,20 @@ class HEARTransformer(nn.Module):
                 kv = torch.cat((t, v_g), dim=1)  # (B, T + N_g, Ct)
                 kv_mask = torch.cat((mask, mask.new_ones(B, v_g.shape[1])), dim=1)
             kv = self.text_proj_for_ca(kv)  # (B, T', C)
-            hf = None if face_hf is None else self.face_hf_proj(face_hf.float())  # Eq. (5): v_hf = v[FT:] W_hf
+            hf = hf_null = None
+            if face_hf is not None:
+                hf = self.face_hf_proj(face_hf.float())  # Eq. (5): v_hf = v[FT:] W_hf, (B_f, N, C)
+                if len(hf) < B:  # rows B_f.. (CFG's unconditional half) have zero face tokens: W_hf 0 = the bias
+                    hf_null = self.face_hf_proj.bias.float().view(1, 1, -1)
             gss = self.shared_ada_lin(cond).view(B, 1, 6, -1)  # (B, 1, 6, C)
-        return Condition(cond, gss, kv, kv_mask, hf, id_scale)
+        return Condition(cond, gss, kv, kv_mask, hf, hf_null, id_scale)
 
     def block_causal_mask(self, schedule, device):
         """Training mask: a token sees every token of its own and earlier scales [VAR]. FlexAttention BlockMask on
         CUDA (fully masked tiles are skipped), else an (L, L) bool tensor for SDPA (True = attend)."""
         sizes = torch.tensor([h * w for h, w in schedule], device=device)
         scale_id = torch.repeat_interleave(torch.arange(len(schedule), device=device), sizes)  # (L,)
-        use_flex = self.attn_backend == "flex" or (self.attn_backend == "auto" and device.type == "cuda")
+        use_flex = self.cfg.attn_backend == "flex" or (self.cfg.attn_backend == "auto" and device.type == "cuda")
         if not use_flex or create_block_mask is None:
             return scale_id[:, None] >= scale_id[None, :]  # (L, L)
         key = (tuple(map(tuple, schedule)), str(device))
@@ -537,109 +555,82 @@ class HEARTransformer(nn.Module):
 
     # ----- sampling
 
-    @torch.no_grad()
-    def generate(self, text, text_lens, schedule, rope_grid, cfg=3.0, tau=1.0, top_k=900, top_p=0.97,
-                 generator=None, negative_text=None, negative_lens=None, face_global=None, face_hf=None, id_scale=1.0,
-                 given_bits=None, return_logits=False, return_per_scale=False):
-        """KV-cached next-scale sampling with CFG on the logits, as the official autoregressive_infer_cfg.
-        cfg, tau: scalars or per-scale lists. given_bits: per-scale (B, h, w, d) bits that replace the sampled ones
-        for the first len(given_bits) scales (teacher leak; the sampler still draws, so the RNG stream is unchanged).
-        Returns a dict: latent (B, d, H, W) summed codes for the VAE decoder, bits [(B, h, w, d) int64 per scale],
-        and with the flags logits (B, L, 2d) (the sampler input: after CFG and 1/tau) and per_scale [(B, d, H, W)]
-        running sums after each scale (the Fig. 8 strip)."""
-        B, K, d = text.shape[0], len(schedule), self.cfg.codebook_dim
-        cfgs = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg] * K
-        taus = list(tau) if isinstance(tau, (list, tuple)) else [tau] * K
-        if len(cfgs) != K or len(taus) != K:
-            raise ValueError(f"cfg and tau lists need one value per scale ({K})")
+    def sampling_condition(self, text, text_lens, negative_text=None, negative_lens=None, face_global=None,
+                           face_hf=None, id_scale=1.0, guided=True):
+        """The Condition of generate(). guided (CFG): a batch of 2B rows [cond; uncond], uncond = the learned null
+        caption cfg_uncond[:len_b] with the positive caption's own lengths (official) or the negative prompt, and zero
+        face tokens: the null condition that drop_condition() trains."""
         if (text_lens < 1).any():
             raise ValueError("every caption needs at least one token (text_lens >= 1)")
-        lens, double = text_lens, any(s != 1 for s in cfgs)
-        if double:
-            # CFG batch [cond; uncond] in one forward of 2B rows. Uncond = the learned null caption cfg_uncond[:len_b]
-            # with the positive caption's own lengths (official) or the negative prompt, and zero face tokens: the
-            # null condition that drop_condition() trains.
-            if negative_text is None:
-                negative_text, negative_lens = self.null_text(text.shape[1]).expand(B, -1, -1), text_lens
-            elif negative_lens is None:
-                raise ValueError("negative_text needs negative_lens")
-            T = max(text.shape[1], negative_text.shape[1])  # both padded with zero rows to T tokens
-            text = torch.cat([F.pad(t.to(text), (0, 0, 0, T - t.shape[1])) for t in (text, negative_text)])  # (2B,T,Ct)
-            lens = torch.cat((text_lens, negative_lens.to(text_lens)))
-            face_global = None if face_global is None else torch.cat((face_global, torch.zeros_like(face_global)))
-            face_hf = None if face_hf is None else torch.cat((face_hf, torch.zeros_like(face_hf)))
-        c = self.encode_condition(text, lens, face_global, face_hf, id_scale)
+        if not guided:
+            return self.encode_condition(text, text_lens, face_global, face_hf, id_scale)
+        B = text.shape[0]
+        if negative_text is None:
+            negative_text, negative_lens = self.null_text(text.shape[1]).expand(B, -1, -1), text_lens
+        elif negative_lens is None:
+            raise ValueError("negative_text needs negative_lens")
+        T = max(text.shape[1], negative_text.shape[1])  # both padded with zero rows to T tokens
+        text = torch.cat([F.pad(t.to(text), (0, 0, 0, T - t.shape[1])) for t in (text, negative_text)])  # (2B, T, Ct)
+        lens = torch.cat((text_lens, negative_lens.to(text_lens)))
+        face_global = None if face_global is None else torch.cat((face_global, torch.zeros_like(face_global)))
+        # face_hf keeps its B rows: encode_condition gives the B unconditional rows the zero face token
+        return self.encode_condition(text, lens, face_global, face_hf, id_scale)
+
+    @torch.no_grad()
+    def generate(self, text, text_lens, schedule, rope_grid, cfg_scale=3.0, tau=1.0, top_k=900, top_p=0.97,
+                 generator=None, negative_text=None, negative_lens=None, face_global=None, face_hf=None, id_scale=1.0,
+                 hf_from_scale=0, probe=None):
+        """KV-cached next-scale sampling, Eq. (8) [HEAR], with classifier-free guidance on the logits as the official
+        autoregressive_infer_cfg. cfg_scale, tau: scalars or per-scale lists; the high-frequency adapter acts from
+        scale hf_from_scale on (0: every scale). Returns {"latent": (B, d, H, W) summed codes for the decoder,
+        "bits": [(B, h, w, d) int64 per scale], "per_scale": [(B, d, H, W) running sum after each scale] (Fig. 8)}.
+        probe (tests and parity checks only): a dict; probe["teacher_bits"] (per-scale bits) replace the sampled bits
+        of the first scales (the sampler still draws, so the RNG stream is unchanged); probe["logits"] is filled with
+        the sampler input (B, L, 2d) after CFG and 1/tau."""
+        B, K = text.shape[0], len(schedule)
+        cfgs = list(cfg_scale) if isinstance(cfg_scale, (list, tuple)) else [cfg_scale] * K
+        taus = list(tau) if isinstance(tau, (list, tuple)) else [tau] * K
+        if len(cfgs) != K or len(taus) != K:
+            raise ValueError(f"cfg_scale and tau lists need one value per scale ({K})")
+        guided = any(s != 1 for s in cfgs)
+        c = self.sampling_condition(text, text_lens, negative_text, negative_lens, face_global, face_hf, id_scale,
+                                    guided)
         cos, sin = (t.to(text.device) for t in rope_2d_table(schedule, rope_grid, self.blocks[0].sa.head_dim))
         offsets, (H, W) = token_offsets(schedule), schedule[-1]
-        x = c.cond[:, None] + self.pos_start  # (B', 1, C) the sos token is scale 1's input
-        caches = [{} for _ in self.blocks]
-        summed = torch.zeros(B, d, H, W, device=text.device)
-        out = {"bits": [], "logits": [], "per_scale": []}
+        x = c.cond[:, None] + self.pos_start  # (B', 1, C): the sos token is scale 1's input
+        caches, summed = [{} for _ in self.blocks], torch.zeros(B, self.cfg.codebook_dim, H, W, device=text.device)
+        out, teacher, seen = {"bits": [], "per_scale": []}, (probe or {}).get("teacher_bits", []), []
         for k, (h, w) in enumerate(schedule):
-            x = x + self.lvl_embed.weight[k]
-            # RoPE of this scale's tokens: always sliced at the scale's token offset (the official unfused path drops
-            # that offset during KV-cached inference; a known bug not copied here)
+            ck = c if k >= hf_from_scale else c._replace(id_scale=0.0)  # adapter off before scale hf_from_scale
+            # parity: RoPE rows are sliced at the scale's token offset (the official unfused path drops that offset in
+            # KV-cached inference; a known bug not copied here)
             rope = (cos[offsets[k]:offsets[k + 1]], sin[offsets[k]:offsets[k + 1]])
+            x = x + self.lvl_embed.weight[k]
             for block, cache in zip(self.blocks, caches):
-                x = block(x, c, rope, None, cache)  # no mask: the cache holds exactly the visible keys
+                x = block(x, ck, rope, None, cache)  # no mask: the cache holds exactly the visible keys
             logits = self.get_logits(x, c.cond).mul(1 / taus[k])  # (B', l, 2d)
-            if double:  # CFG on logits: cfg * l_c / tau + (1 - cfg) * l_u / tau
+            if guided:  # CFG on logits: cfg * l_c / tau + (1 - cfg) * l_u / tau
                 logits = cfgs[k] * logits[:B] + (1 - cfgs[k]) * logits[B:] if cfgs[k] != 1 else logits[:B]
-            bits = sample_bits(logits.reshape(B, h * w * d, 2), top_k, top_p, generator).view(B, h, w, d)
-            if given_bits is not None and k < len(given_bits):
-                bits = given_bits[k].to(bits)
-            # (B, d, h, w) = +-1/sqrt(d); kept as the channels-last view the official code interpolates, because
-            # the CPU trilinear kernel rounds differently for contiguous input (1 ulp)
-            codes = bits_to_codes(bits).permute(0, 3, 1, 2)
-            summed = summed + resize(codes, (H, W), "trilinear")  # (B, d, H, W)
-            out["bits"].append(bits)
-            out["logits"].append(logits)
-            out["per_scale"].append(summed)
-            if k + 1 < K:  # next input: the running sum, trilinear-downsampled to the next size, then word_embed
-                nxt = resize(summed, schedule[k + 1], "trilinear")  # (B, d, h', w')
-                x = self.word_embed(nxt.flatten(2).transpose(1, 2))  # (B, l', C)
-                x = x.repeat(2, 1, 1) if double else x
-        result = {"latent": summed, "bits": out["bits"]}
-        if return_logits:
-            result["logits"] = torch.cat(out["logits"], dim=1)  # (B, L, 2d)
-        if return_per_scale:
-            result["per_scale"] = out["per_scale"]
-        return result
+            bits = sample_bits(logits.reshape(B, -1, 2), top_k, top_p, generator).view(B, h, w, -1)  # (B, h, w, d)
+            bits = teacher[k].to(bits) if k < len(teacher) else bits
+            summed, nxt = add_scale(summed, bits, schedule, k)  # Eq. (12) running sum; scale k+1's input tokens
+            out["bits"].append(bits), out["per_scale"].append(summed)
+            if probe is not None:
+                seen.append(logits)
+            if nxt is not None:
+                x = self.word_embed(nxt)  # (B, l', C)
+                x = x.repeat(2, 1, 1) if guided else x
+        if probe is not None:
+            probe["logits"] = torch.cat(seen, dim=1)  # (B, L, 2d)
+        return {"latent": summed, **out}
 
 
 # -----------------------------------------------------------------------------
 # Official Infinity weights
 
 
-class CheckpointMismatchError(ValueError):
-    """The weights do not fit the model (missing / unexpected keys, wrong shapes); the message is one line."""
-
-
 def _short(names, n=4):
     return ", ".join(names[:n]) + (f", ... (+{len(names) - n})" if len(names) > n else "")
-
-
-def _read_state_dict(path_or_state_dict):
-    """A state_dict from a dict, a .safetensors file, or a torch.load(weights_only=True) file."""
-    if isinstance(path_or_state_dict, dict):
-        sd = dict(path_or_state_dict)
-    else:
-        path = os.fspath(path_or_state_dict)
-        if not os.path.isfile(path):
-            raise CheckpointMismatchError(f"load_infinity: no such file: {path}")
-        try:  # a truncated or foreign file is one line, not a traceback from deep inside torch
-            if path.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                sd = load_file(path)
-            else:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise CheckpointMismatchError(f"load_infinity: cannot read {path} ({type(e).__name__}); pass an "
-                                          "official Infinity .pth or a .safetensors state dict") from None
-    if isinstance(sd.get("model"), dict):  # our own training checkpoints wrap the state_dict
-        sd = sd["model"]
-    return sd
 
 
 def load_infinity(path_or_state_dict, **hear_overrides):
@@ -647,7 +638,7 @@ def load_infinity(path_or_state_dict, **hear_overrides):
     Every size is inferred from the tensors; `hear_overrides` sets ModelConfig fields (use_global_face, hf_face_dim,
     drop_path_rate, ...). Returns (model in fp32 on CPU, eval mode; report dict with `loaded`, `newly_initialized`,
     `ignored`, `config`). Raises CheckpointMismatchError (a ValueError) with one line on any mismatch."""
-    sd = _read_state_dict(path_or_state_dict)
+    sd = read_state_dict(path_or_state_dict, unwrap=("model",))  # ours wrap the state_dict in "model"
     chunk = [re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k) for k in sd]
     per_chunk = 1 + max((int(m[2]) for m in chunk if m), default=0)  # official: block_chunks.{c}.module.{m}
     sd = {re.sub(r"^block_chunks\.(\d+)\.module\.(\d+)\.", lambda m: f"blocks.{int(m[1]) * per_chunk + int(m[2])}.",

@@ -11,16 +11,14 @@ the first k scales decoded, k = 1..K (the paper's Fig. 8 strip; identity detail 
 
 import dataclasses
 import os
+from typing import Optional
 
 import torch
 
-import face_encoder as fe
-import model as hear_model
-import tokenizer as tok
-from common import UserError, cli, load_checkpoint, log, run_info
-from train import Config as TrainConfig
-from data.manifest import geometry, load_image
-from train import TextToBits, build_global_encoder, build_text_encoder, face_features, load_tokenizer
+import face_detect as fd
+from common import UserError, cli, log, resolve_device, run_info
+from data.manifest import load_image
+from pipeline import generate, load_run
 
 
 @dataclasses.dataclass
@@ -41,94 +39,49 @@ class Config:
     seed: int = 0  # sampling seed
     per_scale: bool = False  # also write the per-scale strip (Fig. 8)
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
-    face_detector: str = "none"  # none (the image is the face crop) | insightface
+    face_detector: str = "none"  # none (the image is the crop) | auto (InsightFace pack if present, else dlib) | dlib
     face_model_pack: str = "buffalo_l"  # InsightFace model pack
     face_model_root: str = "~/.insightface"  # looked up as <root>/models/<pack>
-    det_thresh: float = 0.5  # face detection score threshold
-    crop_margin: float = 0.25  # margin around the detected box for the reference crop
+    det_thresh: Optional[float] = None  # detection score threshold (None: the backend's own, InsightFace 0.5, dlib 0)
+    crop_scale: float = 0.0  # reference crop side / max(detected box w, h) (0 = the checkpoint's crop_scale)
     device: str = "auto"  # auto | cpu | cuda
 
 
-PRESETS = {"synthfaces": {}, "infinity_2b": {"face_detector": "insightface", "ckpt": "out/hear_2b/ckpt.pt"}}
+PRESETS = {"synthfaces": {}, "infinity_2b": {"face_detector": "auto", "ckpt": "out/hear_2b/ckpt.pt"}}
 
 
-def load_run(path, device="cpu", use_ema=True):
-    """Everything sample.py / eval.py need from a train.py checkpoint -> dict(model, vae, face_encoder, ...)."""
-    ckpt = load_checkpoint(path)
-    if "model_config" not in ckpt or "text_encoder" not in ckpt:
-        raise UserError(f"{path} is not a train.py checkpoint")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}  # keys of older/newer versions are ignored
-    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
-    text_enc, captions, _ = build_text_encoder(cfg, ckpt.get("caption_tokenizer"))
-    if isinstance(ckpt["text_encoder"], dict):
-        text_enc.load_state_dict(ckpt["text_encoder"])
-    hear = hear_model.HEARTransformer(hear_model.ModelConfig(**ckpt["model_config"]))
-    hear.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"])
-    vae, _ = load_tokenizer(cfg.tokenizer_ckpt)
-    face_enc, _ = load_tokenizer(cfg.face_encoder_ckpt)
-    global_enc = build_global_encoder(cfg, device)
-    model = TextToBits(text_enc, hear, False).to(device).eval()
-    return {"model": model, "captions": captions, "vae": vae.to(device), "face_encoder": face_enc.to(device),
-            "global_encoder": global_enc, "cfg": cfg, "step": ckpt["step"]}
-
-
-def reference_crop(cfg, size, device):
+def reference_crop(cfg, size, crop_scale, device):
     """Read the face image, detect (or take) the face, return the square crop (1, 3, size, size) in [-1, 1]."""
     if not cfg.face:
         raise UserError("--face is required: a face photo (or a pre-cropped face with --face_detector=none)")
     image = load_image(cfg.face)  # (3, H, W), one-line error if unreadable
-    detector = None
-    if cfg.face_detector == "insightface":
-        detector = fe.InsightFaceDetector(cfg.face_model_pack, cfg.face_model_root, det_thresh=cfg.det_thresh,
-                                          device=device)
-    elif cfg.face_detector != "none":
-        raise UserError(f"--face_detector={cfg.face_detector!r}: choose none or insightface")
+    detector = fd.make_face_detector(cfg.face_detector, cfg.face_model_pack, cfg.face_model_root, cfg.det_thresh,
+                                     device, log=log)
     rgb = ((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
-    face = fe.detect_face(rgb, detector, cfg.face)
-    margin = 0.0 if detector is None else cfg.crop_margin
-    return fe.square_crop(image, face["box"], margin, size)[None].to(device)
-
-
-@torch.no_grad()
-def generate(run, prompts, crops, cfg, generator, negative=None, null_face=False):
-    """prompts (list of B str), crops (B, 3, S, S) -> images (B, 3, H, W) in [-1, 1], per-scale latents.
-    null_face: zero face tokens (the null condition of CFG training), i.e. the prompt alone."""
-    train_cfg, model, vae = run["cfg"], run["model"], run["vae"]
-    device = crops.device
-    ids = run["captions"](prompts, padding=True, truncation=True, max_length=train_cfg.text_maxlen,
-                          return_tensors="pt").to(device)
-    text, lens = model.encode_text(ids["input_ids"], ids["attention_mask"])
-    neg_text = neg_lens = None
-    if negative:
-        neg = run["captions"]([negative] * len(prompts), padding=True, return_tensors="pt").to(device)
-        neg_text, neg_lens = model.encode_text(neg["input_ids"], neg["attention_mask"])
-    template = tok.nearest_template(cfg.h_div_w) if train_cfg.pn else 1.0
-    _, schedule, grid = geometry(train_cfg.pn, train_cfg.image_size, template, vae.cfg.patch_size)
-    v_g, v_hf = face_features(run["face_encoder"], run["global_encoder"], crops, train_cfg)  # Eq. (3)-(5) inputs
-    if null_face:
-        v_g, v_hf = (None if v is None else torch.zeros_like(v) for v in (v_g, v_hf))
-    out = model.hear.generate(text, lens, schedule, grid, cfg=cfg.cfg, tau=cfg.tau, top_k=cfg.top_k, top_p=cfg.top_p,
-                              generator=generator, negative_text=neg_text, negative_lens=neg_lens, face_global=v_g,
-                              face_hf=v_hf, id_scale=cfg.id_scale, return_per_scale=True)
-    return vae.decode(out["latent"]), out["per_scale"]
+    face = fd.detect_face(rgb, detector, cfg.face)
+    scale = 1.0 if detector is None else crop_scale  # none: the image already is the face crop
+    box = torch.as_tensor(face["box"], dtype=torch.float32)[None]  # (1, 4) pixels
+    return fd.square_crop(image[None], box, scale, size).to(device)
 
 
 def main(cfg):
     import torchvision
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     if not cfg.prompt:
         raise UserError("--prompt is required")
     run = load_run(cfg.ckpt, device, cfg.use_ema)
-    log(f"{run_info(device)} | checkpoint {cfg.ckpt} (step {run['step']})")
-    crops = reference_crop(cfg, run["cfg"].face_size, device).expand(cfg.num_samples, -1, -1, -1)
+    log(f"{run_info(device)} | checkpoint {cfg.ckpt} (step {run.step})")
+    crop_scale = cfg.crop_scale or run.config.get("crop_scale", 1.4)
+    crops = reference_crop(cfg, run.config["face_size"], crop_scale, device).expand(cfg.num_samples, -1, -1, -1)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    images, per_scale = generate(run, [cfg.prompt] * cfg.num_samples, crops, cfg, generator, cfg.negative_prompt)
+    images, per_scale = generate(run, [cfg.prompt] * cfg.num_samples, crops, generator, cfg.cfg, cfg.tau, cfg.top_k,
+                                 cfg.top_p, cfg.id_scale, negative_prompt=cfg.negative_prompt, h_div_w=cfg.h_div_w)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     torchvision.utils.save_image(torch.cat([crops[:1], images]).add(1).div(2), cfg.out, nrow=cfg.num_samples + 1)
     log(f"wrote {cfg.out} (reference crop, then {cfg.num_samples} samples)")
     if cfg.per_scale:  # Fig. 8: decode the running sum after each scale, for the first sample
-        strip = torch.cat([run["vae"].decode(z[:1]) for z in per_scale])
+        strip = torch.cat([run.vae.decode(z[:1]) for z in per_scale])
         path = os.path.splitext(cfg.out)[0] + "_scales.png"
         torchvision.utils.save_image(strip.add(1).div(2), path, nrow=len(per_scale))
         log(f"wrote {path} (scales 1..{len(per_scale)})")

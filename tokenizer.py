@@ -17,12 +17,13 @@ Images are (B, 3, 16H, 16W) in [-1, 1] (patch size 16; 8 for small images).
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from common import CheckpointMismatchError, read_state_dict
 
 # -----------------------------------------------------------------------------
 # Scale schedules (official table of infinity/utils/dynamic_resolution.py)
@@ -117,6 +118,21 @@ def bits_to_codes(bits):
     return F.normalize(bits.float() * (2 * s) - s, dim=-1)
 
 
+def add_scale(summed, bits, schedule, k):
+    """One step of the next-scale recursion, Eq. (12) [HEAR] and the official inference loop: scale k's codes (from its
+    bits (B, h_k, w_k, d)), upsampled to the full latent, join the running sum (B, d, H, W). Returns (new sum, scale
+    k+1's input tokens (B, h_{k+1} w_{k+1}, d): the sum trilinear-downsampled, row-major; None after the last scale).
+    Training (bitwise_self_correction), sampling (model.generate) and bits_to_latent all go through here."""
+    H, W = schedule[-1]
+    # parity: codes stay the channels-last view the official code interpolates (the CPU trilinear kernel rounds a
+    # contiguous input differently, by 1 ulp)
+    codes = bits_to_codes(bits).permute(0, 3, 1, 2)  # (B, d, h, w) = +-1/sqrt(d)
+    summed = summed + resize(codes, (H, W), "trilinear")  # F_k = sum_{i<=k} up(R_i)
+    if k + 1 == len(schedule):
+        return summed, None
+    return summed, resize(summed, schedule[k + 1], "trilinear").flatten(2).transpose(1, 2)  # (B, h'w', d)
+
+
 def bits_to_index(bits):
     """Eq. (10) [HEAR]: bits (..., d) -> index (...,) int64 = sum_p b_p 2^p. For d = 64 this is the two's-complement
     int64 view of the unsigned index (bit 63 is the sign bit); index_to_bits undoes it exactly.
@@ -134,9 +150,10 @@ def index_to_bits(idx, d):
     return ((idx.long().unsqueeze(-1) >> shifts) & 1).to(torch.uint8)
 
 
-def codes_to_sequence(codes_list):
-    """Per-scale codes [(B, d, h_k, w_k)] -> (B, L, d), scales low -> high frequency, row-major inside a scale."""
-    return torch.cat([c.flatten(2).transpose(1, 2) for c in codes_list], dim=1)
+def bits_to_sequence(bits_list):
+    """Per-scale bits [(B, h_k, w_k, d)] -> codes as one token sequence (B, L, d): scales low -> high frequency,
+    row-major inside a scale (the transformer's token order)."""
+    return torch.cat([bits_to_codes(b).flatten(1, 2) for b in bits_list], dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -180,12 +197,9 @@ def multiscale_bsq(f, schedule):
 def bits_to_latent(bits_list, schedule):
     """Summed latent from per-scale bits, as the official decode_from_indices / inference summation.
     bits_list: [(B, h, w, d) or (B, h*w, d)] -> (B, d, H, W) with (H, W) = schedule[-1]."""
-    H, W = schedule[-1]
     z = 0
-    for bits, (h, w) in zip(bits_list, schedule, strict=True):
-        bits = bits.reshape(bits.shape[0], h, w, bits.shape[-1])  # (B, h, w, d)
-        codes = bits_to_codes(bits).permute(0, 3, 1, 2)  # (B, d, h, w)
-        z = z + resize(codes, (H, W), "trilinear")
+    for k, (bits, (h, w)) in enumerate(zip(bits_list, schedule, strict=True)):
+        z, _ = add_scale(z, bits.reshape(bits.shape[0], h, w, bits.shape[-1]), schedule, k)
     return z
 
 
@@ -194,9 +208,14 @@ def _entropy(prob):
     return -(prob * torch.log(prob + 1e-8)).sum(-1)
 
 
-def bsq_aux_loss(inputs, commit_weight=0.25, entropy_weight=0.1, inv_temperature=100.0, gamma0=1.0, gamma=1.0,
-                 zeta=1.0):
-    """BSQ training regularisers (BitVAE code, [Infinity] notes 1.4), averaged over scales.
+# Inverse temperature of the soft bit assignment in the entropy terms, and the divisor of their weight: BitVAE's
+# default, which Infinity's VAE training kept ([Infinity] notes 1.4); the two entropies are weighted 1 : 1.
+ENTROPY_INV_TEMPERATURE = 100.0
+
+
+def bsq_aux_loss(inputs, commit_weight=0.25, entropy_weight=0.1):
+    """BSQ training regularisers [BSQ] as BitVAE's code computes them, averaged over scales: the commitment of the
+    normalised residual to its code, plus entropy_weight x (per-sample entropy - codebook entropy) / T^-1.
     inputs: per-scale residuals [(B, d, h, w)] (multiscale_bsq(...)["inputs"]) -> dict of scalars, "aux" = total."""
     terms = {"aux": [], "commitment": [], "per_sample_entropy": [], "codebook_entropy": []}
     for r in inputs:
@@ -204,13 +223,13 @@ def bsq_aux_loss(inputs, commit_weight=0.25, entropy_weight=0.1, inv_temperature
         z = F.normalize(r.float().permute(0, 2, 3, 1).reshape(-1, d), dim=-1)  # (N, d) on the unit sphere
         q = torch.where(z > 0, 1.0, -1.0) * (1.0 / d**0.5)  # the code, no gradient
         commit = F.mse_loss(z, q)
-        # soft bit probabilities; per-sample entropy low (confident bits), codebook entropy high (all codes used)
-        p = torch.sigmoid(-4 * z / math.sqrt(d) * inv_temperature)  # (N, d)
+        # soft P(bit = 0): the logit is the squared-distance gap to the codes -+1/sqrt(d), 4 z / sqrt(d), times T^-1.
+        # Low per-sample entropy = confident bits; high codebook entropy = every code used.
+        p = torch.sigmoid(-4 * z / math.sqrt(d) * ENTROPY_INV_TEMPERATURE)  # (N, d)
         prob = torch.stack([p, 1 - p], dim=-1)  # (N, d, 2)
         per_sample = _entropy(prob).sum(-1).mean()
         codebook = _entropy(prob.mean(0)).sum()
-        penalty = gamma0 * per_sample - gamma * codebook
-        aux = commit_weight * commit + zeta * penalty / inv_temperature * entropy_weight
+        aux = commit_weight * commit + entropy_weight * (per_sample - codebook) / ENTROPY_INV_TEMPERATURE
         for name, value in zip(terms, (aux, commit, per_sample, codebook)):
             terms[name].append(value)
     return {name: torch.stack(values).mean() for name, values in terms.items()}
@@ -251,12 +270,11 @@ def bitwise_self_correction(features, schedule, p_max=0.0, generator=None):
             # Eq. (11): p ~ U{0, 0.01, ..., p_max}, one draw per scale (official: np.random.randint, here the generator)
             p = torch.randint(0, round(100 * p_max) + 1, (1,), generator=generator, device=rng_device).item() * 0.01
             bits = flip_bits(bits, p, generator)
-        # re-quantise from the (possibly flipped) bits; official does this whenever flips are enabled, even at p=0
-        codes = bits_to_codes(bits).permute(0, 3, 1, 2)  # (B, d, h, w)
-        cum = cum + resize(codes, (H, W), "trilinear")  # Eq. (12): F_k = sum_{i<=k} up(R_i^flip)
-        if k < K - 1:  # next scale's input: trilinear (not area) down of the running sum, row-major tokens
-            nxt = resize(cum, schedule[k + 1], "trilinear")  # (B, d, h_{k+1}, w_{k+1})
-            inputs.append(nxt.flatten(2).transpose(1, 2))  # (B, h_{k+1} w_{k+1}, d)
+        # Eq. (12): re-quantise from the (possibly flipped) bits, F_k = sum_{i<=k} up(R_i^flip); the official code
+        # does this whenever flips are enabled, even at p = 0. The next input is the trilinear (not area) down of F_k
+        cum, nxt = add_scale(cum, bits, schedule, k)
+        if nxt is not None:
+            inputs.append(nxt)  # (B, h_{k+1} w_{k+1}, d)
     return torch.cat(inputs, dim=1), torch.cat(labels, dim=1)
 
 
@@ -444,10 +462,12 @@ class BSQVAE(nn.Module):
         """Multi-scale residual BSQ of h (B, d, H, W), default schedule small_schedule(H, W) -> dict (multiscale_bsq)"""
         return multiscale_bsq(h, schedule if schedule is not None else small_schedule(*h.shape[-2:]))
 
-    def forward(self, x, schedule=None, **aux_weights):
-        """Image -> (reconstruction (B, 3, H*p, W*p), not clamped as the official forward; dict of aux losses)."""
-        q = self.quantize(self.encode(x), schedule)
-        return self.decode(q["z"], clamp=False), bsq_aux_loss(q["inputs"], **aux_weights)
+    def forward(self, x, schedule=None):
+        """One training pass: image (B, 3, H*p, W*p) -> (raw features (B, d, H, W), the multiscale_bsq dict,
+        reconstruction (B, 3, H*p, W*p) not clamped, as the official forward). The loss needs all three."""
+        features = self.encode(x)
+        q = self.quantize(features, schedule)
+        return features, q, self.decode(q["z"], clamp=False)
 
 
 # -----------------------------------------------------------------------------
@@ -457,35 +477,11 @@ class BSQVAE(nn.Module):
 _DROPPED_SUFFIX = ".lfq.mask"
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint that does not map one-to-one onto BSQVAE (missing / unexpected / mis-shaped tensors)."""
-
-
 def _flat_name(key):
     """Official wrapped name -> the 'flat' spelling that official load_cnn also accepts (one wrapper level dropped):
     'a.conv1.conv.weight' -> 'a.conv1.weight', 'a.downsample.conv.conv.bias' -> 'a.downsample.conv.bias'."""
     *module, wrapper, leaf = key.split(".")
     return ".".join(module + [leaf]) if wrapper in ("conv", "norm") else key
-
-
-def _read_state_dict(src):
-    """Path (.pth / .safetensors) or dict -> flat {name: tensor}; takes the official top-level "vae" entry."""
-    if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
-        try:  # a missing, truncated or foreign file is one line, not a traceback from deep inside torch
-            if path.endswith(".safetensors"):
-                from safetensors.torch import load_file  # optional dependency, only needed for this format
-
-                src = load_file(path)
-            else:
-                src = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointMismatchError(f"cannot read {path} ({type(e).__name__}): not a .pth/.safetensors") from None
-    if not isinstance(src, dict):
-        raise CheckpointMismatchError(f"expected a state dict (or a dict with key 'vae'), got {type(src).__name__}")
-    if isinstance(src.get("vae"), dict):
-        src = src["vae"]
-    return dict(src)
 
 
 def config_from_state_dict(sd):
@@ -520,7 +516,7 @@ def load_infinity_vae(path_or_state_dict, device="cpu"):
     Accepts a .pth (torch.load(weights_only=True), top-level "vae"), a .safetensors file or a state dict, in the
     wrapped ('conv1.conv.weight') or flat ('conv1.weight') spelling; the architecture is inferred from the shapes.
     Raises CheckpointMismatchError (one line) unless every tensor is consumed and every shape matches."""
-    sd = _read_state_dict(path_or_state_dict)
+    sd = read_state_dict(path_or_state_dict, unwrap=("vae",))
     cfg = config_from_state_dict(sd)
     model = BSQVAE(cfg)
     ours = model.state_dict()

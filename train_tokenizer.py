@@ -8,8 +8,9 @@ Train the BSQ-VAE tokenizer, or fine-tune a copy of it into HEAR's high-frequenc
   resume any run:                  python train_tokenizer.py --preset=... --init_from=resume
 
 Both modes share one loss (face_encoder.CompositeLoss): from scratch it is L1 + L2 + VQ (+ LPIPS) on the whole
-image; with --face_loss=True the pixel terms are weighted by the face mask (Eq. 2) and the DINOv2-alignment and
-identity terms join (Eq. 1). The generation tokenizer is never overwritten: the face encoder has its own out_dir.
+image; the face-encoder presets weight the pixel terms by the face mask (--face_mask=True, Eq. 2) and give the
+DINOv2-alignment and identity terms a weight (Eq. 1); every term has its own weight (0 = off). The generation
+tokenizer is never overwritten: the face encoder has its own out_dir.
 """
 
 import dataclasses
@@ -23,9 +24,9 @@ import face_encoder as fe
 import tokenizer as tok
 from common import (UserError, autocast, cli, log, lr_schedule, rng_state, run_info, save_checkpoint,
                     save_config, set_rng_state, setup_device)
-from eval import reconstruction_metrics, summarize
 from data.manifest import epoch_batches, load_example, read_manifest
-from train import load_tokenizer
+from metrics import evaluate_tokenizer
+from pipeline import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -59,7 +60,7 @@ class Config:
     commit_weight: float = 0.25  # inside L_VQ: commitment weight
     entropy_weight: float = 0.1  # inside L_VQ: entropy-penalty weight
     # face encoder (Eq. 2)
-    face_loss: bool = False  # weight pixel losses by the face mask; turn on the face-encoder mode
+    face_mask: bool = False  # weight the pixel losses by the face mask of Eq. (2) (alpha inside the box, 1 outside)
     face_alpha: float = 2.0  # alpha of Eq. (2) inside the face box
     dino_path: str = ""  # local folder of a transformers Dinov2Model (e.g. dinov2-base), for clip_weight
     id_net: str = ""  # "judge" (synthfaces judge's loss network) or an IResNet/AdaFace checkpoint path
@@ -75,12 +76,12 @@ class Config:
 
 PRESETS = {
     "synthfaces": {},
-    "synthfaces_face": {"out_dir": "out/face_encoder", "init_from": "out/tokenizer/ckpt.pt", "face_loss": True,
+    "synthfaces_face": {"out_dir": "out/face_encoder", "init_from": "out/tokenizer/ckpt.pt", "face_mask": True,
                         "id_weight": 0.1, "id_net": "judge", "max_iters": 200, "learning_rate": 3e-4,
                         "warmup_iters": 20, "eval_interval": 200, "log_interval": 50},
     "infinity_face": {"out_dir": "out/face_encoder_2b", "init_from": "infinity:weights/infinity_vae_d32reg.pth",
                       "image_size": 256, "batch_size": 64, "max_iters": 20000, "learning_rate": 1e-5,
-                      "face_loss": True, "lpips_weight": 0.5, "clip_weight": 0.1, "id_weight": 0.1,
+                      "face_mask": True, "lpips_weight": 0.5, "clip_weight": 0.1, "id_weight": 0.1,
                       "dino_path": "weights/dinov2-base", "id_net": "weights/adaface_ir101_webface12m.ckpt",
                       "compile": True, "eval_interval": 2000, "log_interval": 100},
     "tiny": {"base_ch": 32, "ch_mult": (1, 1), "patch_size": 2, "image_size": 16, "batch_size": 4, "max_iters": 4,
@@ -105,7 +106,7 @@ def build_id_net(cfg, device):
 
         path = os.path.join(cfg.data_dir, "judge.pt")
         if not os.path.isfile(path):
-            raise UserError(f"{path} not found; train it with python data/synthfaces/judge.py")
+            raise UserError(f"{path} not found; train it with python -m data.synthfaces.judge")
         return JudgeIdentity(load_judge(path, device))
     return fe.CropEmbedder(fe.load_iresnet(cfg.id_net))
 
@@ -134,46 +135,15 @@ def build_loss(cfg, vae, device):
             raise UserError(f"--dino_path={cfg.dino_path!r} is not a local Dinov2Model folder (or set --clip_weight=0)")
         dino = fe.DinoAlign(Dinov2Model.from_pretrained(cfg.dino_path, local_files_only=True), vae.cfg.codebook_dim)
     id_net = build_id_net(cfg, device) if cfg.id_weight > 0 else None
-    alpha = cfg.face_alpha if cfg.face_loss else 1.0  # Eq. (2) only in face-encoder mode
+    alpha = cfg.face_alpha if cfg.face_mask else 1.0  # Eq. (2)
     return fe.CompositeLoss(weights, lpips_net, dino, id_net, alpha=alpha).to(device)
 
 
-def evaluate(vae, records, cfg, device, schedule, grid_path=None):
-    """Held-out Table 2 metrics (MSE 0-255, PSNR, SSIM, face-region PSNR); optional originals/recons grid PNG."""
-    vae.eval()
-    per_image = {}
-    with torch.no_grad():
-        for i in range(0, len(records), 64):
-            batch = [load_example(r, (cfg.image_size, cfg.image_size)) for r in records[i: i + 64]]
-            x, boxes = torch.stack([b[0] for b in batch]).to(device), torch.stack([b[1] for b in batch])
-            recon = vae.decode(vae.quantize(vae.encode(x), schedule)["z"])
-            for k, v in reconstruction_metrics(recon.float().cpu(), x.cpu(), boxes).items():
-                per_image.setdefault(k, []).append(v)
-            if grid_path and i == 0:
-                import torchvision
-
-                n = min(8, len(x))
-                torchvision.utils.save_image(torch.cat([x[:n], recon[:n]]).add(1).div(2), grid_path, nrow=n)
-    vae.train()
-    return summarize(per_image)
-
-
-def main(cfg):
-    dist = setup_device(cfg.device)
-    device = dist.device
-    torch.manual_seed(cfg.seed + dist.rank)
-    if dist.master:
-        log(save_config(cfg, cfg.out_dir), cfg.out_dir)
-        log(run_info(device), cfg.out_dir)
-    train_recs = read_manifest(cfg.data_dir, "train")
-    test_recs = read_manifest(cfg.data_dir, "test")[: cfg.eval_images]
+def build(cfg, dist):
+    """-> (vae, loss, optimizer, start step): new, fine-tuned from a checkpoint, or resumed; identical on every rank."""
     vae, resumed = build_tokenizer(cfg)
-    vae = vae.to(device).train()
-    latent = cfg.image_size // vae.cfg.patch_size
-    schedule = tok.small_schedule(latent, latent)
-    loss_fn = build_loss(cfg, vae, device)
-    log(f"tokenizer {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, schedule {schedule}, "
-        f"active loss terms {loss_fn.active()} (alpha {loss_fn.alpha})", cfg.out_dir, dist.master)
+    vae = vae.to(dist.device).train()
+    loss_fn = build_loss(cfg, vae, dist.device)
     params = [p for p in list(vae.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step = 0
@@ -183,61 +153,87 @@ def main(cfg):
         set_rng_state(resumed["rng"])
         step = resumed["step"]
         log(f"resumed from step {step}", cfg.out_dir, dist.master)
+    if dist.world_size > 1:  # one set of weights: rank 0's (a fresh DinoAlign projection too), broadcast to all
+        for t in list(vae.state_dict().values()) + list(loss_fn.state_dict().values()):
+            torch.distributed.broadcast(t, src=0)
     if cfg.compile:  # in place, so state_dict keys stay unprefixed
         vae.encoder.compile()
         vae.decoder.compile()
+    return vae, loss_fn, opt, step
 
-    def lr_at(it):
-        return lr_schedule(it, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
 
-    def save(metrics=None):
-        if dist.master:
-            save_checkpoint({"model": vae.state_dict(), "optimizer": opt.state_dict(), "loss": loss_fn.state_dict(),
-                             "tokenizer_config": dataclasses.asdict(vae.cfg), "config": dataclasses.asdict(cfg),
-                             "step": step, "rng": rng_state(), "metrics": metrics or {}},
-                            os.path.join(cfg.out_dir, "ckpt.pt"))
+def average_gradients(params, world_size):
+    """Data parallel: sum the gradients over ranks, then divide (gloo has no ReduceOp.AVG), as one flat all-reduce.
+    The loss needs the encoder features, the quantizer output and the decoder output of one pass, so the gradients
+    are averaged here rather than by a DDP wrapper around one module."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
-    size = (cfg.image_size, cfg.image_size)
+
+def train_step(vae, loss_fn, opt, params, x, boxes, schedule, cfg, world_size):
+    """One optimizer step on this rank's images x (B, 3, H, W) -> (loss, {term: value})."""
+    with autocast(x.device, cfg.dtype):
+        features, q, recon = vae(x, schedule)  # (B, d, h, w), quantizer outputs, (B, 3, H, W)
+    aux = tok.bsq_aux_loss(q["inputs"], commit_weight=cfg.commit_weight, entropy_weight=cfg.entropy_weight)
+    loss, terms = loss_fn(recon.float(), x, boxes, aux["aux"], features)  # Eq. (1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if world_size > 1:
+        average_gradients(params, world_size)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return loss, terms
+
+
+def save(vae, loss_fn, opt, cfg, step, metrics):
+    save_checkpoint({"model": vae.state_dict(), "optimizer": opt.state_dict(), "loss": loss_fn.state_dict(),
+                     "tokenizer_config": dataclasses.asdict(vae.cfg), "config": dataclasses.asdict(cfg),
+                     "step": step, "rng": rng_state(), "metrics": metrics}, os.path.join(cfg.out_dir, "ckpt.pt"))
+
+
+def main(cfg):
+    dist = setup_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if dist.master:
+        log(save_config(cfg, cfg.out_dir), cfg.out_dir)
+        log(run_info(dist.device), cfg.out_dir)
+    train_recs = read_manifest(cfg.data_dir, "train")
+    test_recs = read_manifest(cfg.data_dir, "test")[: cfg.eval_images]
+    if cfg.batch_size % dist.world_size:
+        raise UserError(f"--batch_size={cfg.batch_size} must divide by the world size {dist.world_size}")
+    vae, loss_fn, opt, step = build(cfg, dist)
+    params = [p for p in list(vae.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    schedule = tok.small_schedule(cfg.image_size // vae.cfg.patch_size, cfg.image_size // vae.cfg.patch_size)
+    log(f"tokenizer {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, schedule {schedule}, "
+        f"active loss terms {loss_fn.active()} (alpha {loss_fn.alpha})", cfg.out_dir, dist.master)
+    size, share = (cfg.image_size, cfg.image_size), cfg.batch_size // dist.world_size
+    per_epoch = len(epoch_batches(len(train_recs), cfg.batch_size, 0, cfg.seed))
     t0, bar = time.time(), tqdm(total=cfg.max_iters, initial=step, disable=not dist.master, desc="tokenizer")
-    per_epoch, epoch, batches = len(epoch_batches(len(train_recs), cfg.batch_size, 0, cfg.seed)), -1, None
-    share = cfg.batch_size // dist.world_size
     while step < cfg.max_iters:
-        if step // per_epoch != epoch:  # the data position is the step itself, so resume is exact
-            epoch = step // per_epoch
-            batches = epoch_batches(len(train_recs), cfg.batch_size, epoch, cfg.seed)
-        idx = batches[step % per_epoch][dist.rank * share: (dist.rank + 1) * share]
-        examples = [load_example(train_recs[i], size) for i in idx]
-        x, boxes = torch.stack([e[0] for e in examples]).to(device), torch.stack([e[1] for e in examples])
+        # the data position is the step itself, so resume is exact; rank r takes its share of the global batch
+        batch = epoch_batches(len(train_recs), cfg.batch_size, step // per_epoch, cfg.seed)[step % per_epoch]
+        examples = [load_example(train_recs[i], size) for i in batch[dist.rank * share: (dist.rank + 1) * share]]
+        x, boxes = torch.stack([e[0] for e in examples]).to(dist.device), torch.stack([e[1] for e in examples])
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        with autocast(device, cfg.dtype):
-            features = vae.encode(x)  # (B, d, h, w)
-            q = vae.quantize(features, schedule)
-            recon = vae.decode(q["z"], clamp=False)
-        aux = tok.bsq_aux_loss(q["inputs"], commit_weight=cfg.commit_weight, entropy_weight=cfg.entropy_weight)
-        loss, terms = loss_fn(recon.float(), x, boxes, aux["aux"], features)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if dist.world_size > 1:  # data parallel: average gradients over ranks (one all-reduce per tensor)
-            for p in params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+            group["lr"] = lr_schedule(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
+        loss, terms = train_step(vae, loss_fn, opt, params, x, boxes, schedule, cfg, dist.world_size)
         step += 1
         bar.update(1)
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            dt = time.time() - t0
             parts = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
-            log(f"step {step}/{cfg.max_iters} | loss {loss.item():.4f} | {parts} | lr {lr_at(step - 1):.2e} | "
-                f"{cfg.log_interval * cfg.batch_size / dt:.1f} img/s", cfg.out_dir, dist.master)
+            log(f"step {step}/{cfg.max_iters} | loss {loss.item():.4f} | {parts} | lr {opt.param_groups[0]['lr']:.2e} "
+                f"| {cfg.log_interval * cfg.batch_size / (time.time() - t0):.1f} img/s", cfg.out_dir, dist.master)
             t0 = time.time()
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            metrics = evaluate(vae, test_recs, cfg, device, schedule, os.path.join(cfg.out_dir, "recon.png"))
-            log("eval (held-out identities) | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-                cfg.out_dir, dist.master)
-            save(metrics)
+        if dist.master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):  # rank 0 evaluates and writes
+            metrics = evaluate_tokenizer(vae, test_recs, cfg.image_size, dist.device,
+                                         grid_path=os.path.join(cfg.out_dir, "recon.png"))
+            log("eval (held-out identities) | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), cfg.out_dir)
+            save(vae, loss_fn, opt, cfg, step, metrics)
     bar.close()
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+import face_detect as fd
 import tokenizer as tok
-from common import UserError
+from common import UserError, seeded_generator
 
 REQUIRED_FIELDS = ("path", "face_box", "caption_short", "caption_long")
 
@@ -35,7 +36,7 @@ def read_manifest(path, split=None):
     if os.path.isdir(path):
         path = os.path.join(path, "manifest.jsonl")
     if not os.path.isfile(path):
-        raise UserError(f"manifest {path} not found; run data/synthfaces/prepare.py or curate.py first")
+        raise UserError(f"manifest {path} not found; run python -m data.synthfaces.prepare or curate.py first")
     root, records = os.path.dirname(os.path.abspath(path)), []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -84,14 +85,43 @@ def load_example(rec, size):
     return load_image(rec["path"], size), box
 
 
+def load_face_crop(rec, size, crop_scale):
+    """The reference face of a record, (3, size, size) in [-1, 1]: its crop_path image, else a square crop of side
+    crop_scale * max(box w, h) cut from the record's own image at its own resolution (face_box is in its pixels), so
+    a reference is never cut from an image stretched to another aspect bucket."""
+    if rec.get("crop_path"):
+        return load_image(rec["crop_path"], (size, size))
+    box = torch.tensor([rec["face_box"]], dtype=torch.float32)  # (1, 4) in the image's own pixels
+    return fd.square_crop(load_image(rec["path"])[None], box, crop_scale, size)[0]
+
+
 # -----------------------------------------------------------------------------
-# Batches and aspect buckets
+# Reference faces, batches and aspect buckets
+
+
+def identity_pools(records):
+    """{identity: [record indices]}; a record without an identity is a pool of its own."""
+    pools = {}
+    for i, rec in enumerate(records):
+        pools.setdefault(rec.get("identity", f"#{i}"), []).append(i)
+    return pools
+
+
+def pick_references(records, pools, indices, u):
+    """One reference record per target: a random image of the target's identity (u (B,) uniform in [0, 1)), the
+    target itself only with probability 1/n, so the model cannot copy the target's expression or accessories
+    through the face tokens; identity comes from the reference, the scene from the prompt."""
+    refs = []
+    for i, ui in zip(indices, u.tolist()):
+        pool = pools[records[i].get("identity", f"#{i}")]
+        refs.append(pool[int(ui * len(pool))])
+    return refs
 
 
 def epoch_batches(n, global_batch, epoch, seed, buckets=None):
     """Deterministic batches of one epoch: shuffle within each aspect bucket, cut into full global batches, shuffle
     the batches. The data position of a run is just its step, so resume needs no sampler state."""
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    g = seeded_generator(seed, epoch)
     buckets = buckets if buckets is not None else [list(range(n))]
     batches = []
     for idx in buckets:

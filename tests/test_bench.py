@@ -9,7 +9,7 @@ from common import parse_config
 def test_bench_reports_each_measurement(tmp_path):
     out = tmp_path / "bench.jsonl"
     cfg = parse_config(bench.Config, bench.PRESETS, ["--image_size=16", "--patch_size=2", "--vae_ch_mult=(1,1)",
-                                                     "--depth=1", "--embed_dim=64", "--batch_size=2", "--hf_tokens=8",
+                                                     "--depth=1", "--embed_dim=64", "--batch_size=2", "--face_size=16",
                                                      "--warmup=1", "--iters=1", "--device=cpu", f"--out={out}"])
     results = bench.main(cfg)
     assert [r["what"] for r in results] == ["train_step", "sample", "vae"]

@@ -5,6 +5,7 @@ import math
 import torch
 
 import eval as ev
+import metrics
 from common import parse_config
 from conftest import write_tokenizer_ckpt
 
@@ -13,19 +14,20 @@ def test_metrics_match_their_definitions():
     target = torch.full((2, 3, 8, 8), -1.0)  # grey level 0
     recon = target.clone()
     recon[0, :, :4] = -1 + 2 * 2 / 255  # 2 grey levels off on the top half of image 0 -> MSE 4 / 2 = 2.0
-    mse = ev.mse_255(recon, target)
+    mse = metrics.mse_255(recon, target)
     assert torch.allclose(mse, torch.tensor([2.0, 0.0]))
-    assert math.isclose(ev.psnr_from_mse(mse)[0].item(), 10 * math.log10(255**2 / 2.0), rel_tol=1e-6)
-    assert ev.psnr_from_mse(mse)[1] == 100  # perfect reconstruction is capped
+    assert math.isclose(metrics.psnr_from_mse(mse)[0].item(), 10 * math.log10(255**2 / 2.0), rel_tol=1e-6)
+    assert metrics.psnr_from_mse(mse)[1] == 100  # perfect reconstruction is capped
     boxes = torch.tensor([[0.0, 4.0, 8.0, 8.0], [0.0, 0.0, 8.0, 8.0]])  # bottom half of image 0: no error there
-    m = ev.reconstruction_metrics(recon, target, boxes)
+    m = metrics.reconstruction_metrics(recon, target, boxes)
     assert m["face_psnr"][0] == 100 and m["ssim"][1] == 1.0
 
 
 def test_tokenizer_table(tiny_manifest, tmp_path):
     a, b = write_tokenizer_ckpt(str(tmp_path / "a.pt")), write_tokenizer_ckpt(str(tmp_path / "b.pt"), seed=3)
     cfg = parse_config(ev.Config, ev.PRESETS, [f"--ckpts={a},{b}", "--names=plain,face", f"--data_dir={tiny_manifest}",
-                                               "--image_size=16", "--device=cpu", f"--out={tmp_path}/t.md", "--judge="])
+                                               "--image_size=16", "--device=cpu", f"--out={tmp_path}/t.md", "--judge=",
+                                               "--what=tokenizer"])
     table = ev.main(cfg)
     rows = table.splitlines()
     assert len(rows) == 4 and rows[2].startswith("| plain |") and rows[3].startswith("| face |")
@@ -71,14 +73,14 @@ def test_generation_table_on_a_tiny_run(tiny_run, tmp_path):
     train.main(parse_config(train.Config, train.PRESETS, [
         "--preset=tiny", f"--data_dir={data}", f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
         f"--out_dir={out}", "--device=cpu", "--max_iters=2"]))
-    judge_config = dict(resolution=16, id_size=16, crop_margin=1.4, embed_dim=8, n_ids=3, attributes=attrs)
+    judge_config = dict(resolution=16, id_size=16, crop_scale=1.4, embed_dim=8, n_ids=3, attributes=attrs)
     save_checkpoint({"model": Judge(**judge_config).state_dict(), "judge_config": judge_config}, f"{tmp_path}/judge.pt")
     cfg = parse_config(ev.Config, ev.PRESETS, ["--what=generation", f"--ckpt={out}/ckpt.pt", f"--data_dir={data}",
                                                f"--judge={tmp_path}/judge.pt", "--prompts_per_identity=1",
                                                "--device=cpu", f"--out={tmp_path}/gen.md"])
     table = ev.main(cfg)
-    rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:5]] for line in table.splitlines()[2:6]}
+    rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:5]] for line in table.splitlines()[2:7]}
     assert set(rows) == {"HEAR (face + prompt)", "null face (prompt only)", "real image, same identity (upper bound)",
-                         "real image, other identity (chance)"}
+                         "real image through the tokenizer (its ceiling)", "real image, other identity (chance)"}
     assert all(-1 <= v[0] <= 1 and 0 <= v[1] <= 1 and 0 <= v[2] <= 1 for v in rows.values())
     assert open(f"{tmp_path}/gen.md").read().strip() == table

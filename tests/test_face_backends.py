@@ -8,6 +8,7 @@ import pytest
 from skimage.data import astronaut, camera
 from skimage.transform import resize
 
+import face_detect as fd
 import face_encoder as fe
 
 FACE = (183, 75, 270, 173)  # astronaut(): hairline to chin, cheek to cheek, measured by eye on a 3x zoom
@@ -25,7 +26,7 @@ def shrink(image, side):
 
 @pytest.fixture(scope="module")
 def dlib_backend():
-    return fe.make_face_detector("dlib")
+    return fd.make_face_detector("dlib")
 
 
 def test_dlib_finds_the_astronaut_face_not_the_patch(dlib_backend):
@@ -61,21 +62,21 @@ def test_two_faces_largest_first_with_warning(dlib_backend, capsys):
     pair[:, :512], pair[:300, 512:] = image, shrink(image, 300)  # two real faces: 91 px (score 1.16), 53 px (1.26)
     faces = dlib_backend(pair)
     assert len(faces) == 2 and iou(faces[0]["box"], FACE) > 0.6 and faces[0]["score"] < faces[1]["score"]
-    assert iou(fe.detect_face(pair, dlib_backend, "pair.png")["box"], FACE) > 0.6
+    assert iou(fd.detect_face(pair, dlib_backend, "pair.png")["box"], FACE) > 0.6
     assert "2 faces found in pair.png; using the largest" in capsys.readouterr().out
 
 
 def test_make_face_detector_picks_and_explains(tmp_path):
     logged = []
-    auto = fe.make_face_detector("auto", root=str(tmp_path), log=logged.append)  # no InsightFace pack there
+    auto = fd.make_face_detector("auto", root=str(tmp_path), log=logged.append)  # no InsightFace pack there
     assert auto.name == "dlib" and auto.det_thresh == 0.0
     assert "dlib" in logged[0] and str(tmp_path) in logged[0]
-    assert fe.make_face_detector("none") is None
+    assert fd.make_face_detector("none") is None
     for kind, words in [("insightface", ["buffalo_l", str(tmp_path)]), ("mtcnn", ["auto, insightface, dlib"])]:
         with pytest.raises(fe.FaceError) as e:
-            fe.make_face_detector(kind, root=str(tmp_path))
+            fd.make_face_detector(kind, root=str(tmp_path))
         assert all(w in str(e.value) for w in words) and "\n" not in str(e.value)
     with pytest.raises(fe.FaceError, match="shape_predictor_5_face_landmarks.dat missing"):
-        fe.DlibDetector(models=str(tmp_path))
+        fd.DlibDetector(models=str(tmp_path))
     with pytest.raises(fe.FaceError, match=r"no face found in flat.png \(dlib, threshold 0.0\)"):
-        fe.detect_face(np.full((200, 200, 3), 128, np.uint8), auto, "flat.png")
+        fd.detect_face(np.full((200, 200, 3), 128, np.uint8), auto, "flat.png")

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import face_detect as fd
 import face_encoder as fe
 import tokenizer as tok
 
@@ -187,11 +188,11 @@ def test_detector_error_names_pack_and_folder(tmp_path):
 
     image = astronaut()  # public-domain photo with one face
     with pytest.raises(fe.FaceError) as e:
-        detector = fe.InsightFaceDetector(pack="buffalo_l", root=str(tmp_path))
-        fe.detect_face(image, detector, "astronaut")
+        detector = fd.InsightFaceDetector(pack="buffalo_l", root=str(tmp_path))
+        fd.detect_face(image, detector, "astronaut")
     msg = str(e.value)
     assert "buffalo_l" in msg and str(tmp_path) in msg and "--face_detector=none" in msg and "\n" not in msg
-    face = fe.detect_face(image, None)  # `none`: the image is the face
+    face = fd.detect_face(image, None)  # `none`: the image is the face
     assert list(face["box"]) == [0, 0, image.shape[1], image.shape[0]]
 
 
@@ -209,15 +210,6 @@ def test_onnx_recognizer_loads_through_insightface_model_zoo(tmp_path):
     ours = net(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1)[0]
     assert emb.shape == (16,)
     assert np.allclose(emb / np.linalg.norm(emb), ours.detach().numpy(), atol=1e-4)
-
-
-def test_square_crop_centres_the_box():
-    img = torch.zeros(3, 40, 60)
-    img[:, 10:20, 30:40] = 1.0
-    crop = fe.square_crop(img, [30, 10, 40, 20], margin=0.0, size=10)
-    assert crop.shape == (3, 10, 10) and crop.min() > 0.99
-    edge = fe.square_crop(img, [50, 30, 60, 40], margin=1.0, size=8)  # runs off the border: zero-padded
-    assert edge.shape == (3, 8, 8)
 
 
 @pytest.mark.parametrize("h_div_w,pn,first,expect", [(1.0, "1M", 6, 265), (1.0, "0.06M", 3, 21), (2.0, "1M", 6, None)])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import CheckpointMismatchError, HEARTransformer, ModelConfig, bitwise_loss, load_infinity, scale_loss_weights
-from tokenizer import bits_to_codes, get_schedule, resize, rope_grid, token_offsets
+from tokenizer import add_scale, get_schedule, rope_grid, token_offsets
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, codebook_dim=8, text_channels=128, text_maxlen=8,
             use_global_face=True, global_face_dim=16, use_hf_adapter=True, hf_face_dim=8)
@@ -44,38 +44,40 @@ def make_inputs(B=2, d=8, seed=1):
 
 
 def teacher_inputs(bits, schedule):
-    """Per-scale bits -> x_BLC_wo_prefix (B, L-1, d): the running code sum, trilinear-downsampled to each next scale."""
-    H, W = schedule[-1]
+    """Per-scale bits -> x_BLC_wo_prefix (B, L-1, d) through the pipeline's own next-scale recursion."""
     summed, xs = 0, []
     for k, b in enumerate(bits[:-1]):
-        summed = summed + resize(bits_to_codes(b).permute(0, 3, 1, 2), (H, W), "trilinear")
-        xs.append(resize(summed, schedule[k + 1], "trilinear").flatten(2).transpose(1, 2))
+        summed, nxt = add_scale(summed, b, schedule, k)
+        xs.append(nxt)
     return torch.cat(xs, dim=1)
 
 
 def test_kv_cache_generation_equals_full_masked_forward():
     model = make_model()
     text, lens, fg, fhf, _ = make_inputs()
-    out = model.generate(text, lens, SCHEDULE, GRID, cfg=1.0, face_global=fg, face_hf=fhf, id_scale=0.7,
-                         return_logits=True, generator=torch.Generator().manual_seed(0))
+    probe = {}
+    out = model.generate(text, lens, SCHEDULE, GRID, cfg_scale=1.0, face_global=fg, face_hf=fhf, id_scale=0.7,
+                         probe=probe, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(text, lens, teacher_inputs(out["bits"], SCHEDULE), SCHEDULE, GRID, fg, fhf, id_scale=0.7)
     assert full.shape == (2, L, 2 * TINY["codebook_dim"])
-    torch.testing.assert_close(out["logits"], full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(probe["logits"], full, atol=1e-5, rtol=0)
 
 
 def test_cfg_combines_cond_and_null_condition_logits():
-    """generate's doubled batch = forward on [caption, faces] and on [cfg_uncond[:len], zero faces], combined."""
+    """generate's doubled batch = forward on [caption, faces] and on [cfg_uncond[:len], zero faces], combined. The
+    unconditional half's adapter output is computed from one key (all its zero face tokens are equal after W_hf),
+    the forward with drop_cond attends to all N of them: equal up to rounding."""
     model = make_model()
     text, lens, fg, fhf, bits = make_inputs()
     cfg, tau = 3.0, 0.5
-    out = model.generate(text, lens, SCHEDULE, GRID, cfg=cfg, tau=tau, face_global=fg, face_hf=fhf, given_bits=bits,
-                         return_logits=True)
+    probe = {"teacher_bits": bits}
+    out = model.generate(text, lens, SCHEDULE, GRID, cfg_scale=cfg, tau=tau, face_global=fg, face_hf=fhf, probe=probe)
     x = teacher_inputs(bits, SCHEDULE)
     with torch.no_grad():
         cond = model(text, lens, x, SCHEDULE, GRID, fg, fhf)
         uncond = model(text, lens, x, SCHEDULE, GRID, fg, fhf, drop_cond=torch.ones(2, dtype=torch.bool))
-    torch.testing.assert_close(out["logits"], cfg * cond / tau + (1 - cfg) * uncond / tau, atol=1e-4, rtol=0)
+    torch.testing.assert_close(probe["logits"], cfg * cond / tau + (1 - cfg) * uncond / tau, atol=1e-4, rtol=0)
     assert [torch.equal(a, b) for a, b in zip(out["bits"], bits)] == [True] * len(bits)
 
 
@@ -98,9 +100,10 @@ def test_id_scale_zero_is_exactly_the_model_without_adapter():
         ref = plain(text, lens, x, SCHEDULE, GRID, fg)
         assert torch.equal(hear(text, lens, x, SCHEDULE, GRID, fg, fhf, id_scale=0.0), ref)
         assert not torch.allclose(hear(text, lens, x, SCHEDULE, GRID, fg, fhf, id_scale=1.0), ref)
-    kw = dict(face_global=fg, given_bits=bits, return_logits=True, cfg=2.0)
-    with_adapter = hear.generate(text, lens, SCHEDULE, GRID, face_hf=fhf, id_scale=0.0, **kw)["logits"]
-    assert torch.equal(with_adapter, plain.generate(text, lens, SCHEDULE, GRID, **kw)["logits"])
+    probes = [{"teacher_bits": bits}, {"teacher_bits": bits}]
+    hear.generate(text, lens, SCHEDULE, GRID, face_global=fg, cfg_scale=2.0, face_hf=fhf, id_scale=0.0, probe=probes[0])
+    plain.generate(text, lens, SCHEDULE, GRID, face_global=fg, cfg_scale=2.0, probe=probes[1])
+    assert torch.equal(probes[0]["logits"], probes[1]["logits"])
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -125,16 +128,23 @@ def test_flex_attention_mask_equals_sdpa_mask():
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager flex_attention on CPU warns that it is unfused
         ref = model(text, lens, x, SCHEDULE, GRID, fg, fhf)
-        model.attn_backend = "flex"
+        model.cfg.attn_backend = "flex"
         got = model(text, lens, x, SCHEDULE, GRID, fg, fhf)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
-def test_freeze_backbone_trains_only_hear_parameters():
+def test_train_params_modes_train_what_they_say():
     model = make_model()
-    trainable = model.freeze_backbone()
+    everything = {n for n, _ in model.named_parameters()}
+    assert set(model.set_trainable("all")) == everything
+    adapter = set(model.set_trainable("adapter"))
+    # per block: W_Q (weight, bias), W_K/W_V (mat_kv), their V bias; plus W_g (2 Linear layers)
+    projections = {n for n in everything if re.search(r"^blocks\.\d+\.ca\.(mat_q\.|mat_kv\.|v_bias$)", n)}
+    assert len(projections) == 4 * TINY["depth"] and projections <= adapter
+    trainable = model.set_trainable("hear")
     assert trainable and all(re.search(r"face_global_proj|face_hf_proj|mat_kv_hf|v_bias_hf", n) for n in trainable)
     assert len(trainable) == 4 + 2 * TINY["depth"]
+    assert adapter == set(trainable) | projections | {n for n in everything if n.startswith("text_proj_for_ca.")}
     text, lens, fg, fhf, bits = make_inputs()
     model(text, lens, teacher_inputs(bits, SCHEDULE), SCHEDULE, GRID, fg, fhf).square().mean().backward()
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())

@@ -109,10 +109,10 @@ def test_kv_cached_given_bits(tiny, run, key):
     """Teacher leak of the fixture's bits through the KV-cached sampler (cfg 1, and cfg 3 / tau 0.5 on logits)."""
     model, _, meta, fx, text, lens, schedule, grid = tiny
     r, common = meta["runs"][run], meta["inference_common"]
-    out = model.generate(text, lens, schedule, grid, cfg=r["cfg"], tau=r["tau"], top_k=common["top_k"],
-                         top_p=common["top_p"], given_bits=_per_scale_bits(fx["gt_bits"], schedule),
-                         return_logits=True)
-    diffs = {key: _max_diff(out["logits"], fx[key]),
+    probe = {"teacher_bits": _per_scale_bits(fx["gt_bits"], schedule)}
+    out = model.generate(text, lens, schedule, grid, cfg_scale=r["cfg"], tau=r["tau"], top_k=common["top_k"],
+                         top_p=common["top_p"], probe=probe)
+    diffs = {key: _max_diff(probe["logits"], fx[key]),
              "summed_codes": _max_diff(out["latent"], fx["infer_givenbits.summed_codes"])}
     print("max abs diff:", diffs)
     assert max(diffs.values()) < TOL, diffs
@@ -123,11 +123,12 @@ def test_sampled_run_reproduces_official_bits(tiny):
     model, _, meta, fx, text, lens, schedule, grid = tiny
     r, common = meta["runs"]["sampled"], meta["inference_common"]
     gen = torch.Generator(device="cpu").manual_seed(r["g_seed"])
-    out = model.generate(text, lens, schedule, grid, cfg=r["cfg"], tau=r["tau"], top_k=common["top_k"],
-                         top_p=common["top_p"], generator=gen, return_logits=True)
+    probe = {}
+    out = model.generate(text, lens, schedule, grid, cfg_scale=r["cfg"], tau=r["tau"], top_k=common["top_k"],
+                         top_p=common["top_p"], generator=gen, probe=probe)
     bits = torch.cat([b.flatten(1, 2) for b in out["bits"]], dim=1)  # (B, L, d)
     mismatched = (bits != fx["infer_sampled.bits"].long()).sum().item()
-    diffs = {"sampler_logits": _max_diff(out["logits"], fx["infer_sampled.sampler_logits"]),
+    diffs = {"sampler_logits": _max_diff(probe["logits"], fx["infer_sampled.sampler_logits"]),
              "summed_codes": _max_diff(out["latent"], fx["infer_sampled.summed_codes"])}
     print("mismatched bits:", mismatched, "of", bits.numel(), "max abs diff:", diffs)
     assert mismatched == 0 and max(diffs.values()) < TOL, (mismatched, diffs)

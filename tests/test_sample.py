@@ -9,6 +9,7 @@ from PIL import Image
 import sample
 import train
 from common import UserError, parse_config
+from pipeline import generate, load_run
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +43,13 @@ def test_sample_writes_grid_and_scale_strip(tiny_ckpt, tmp_path):
 
 def test_sampling_is_seeded_and_id_scale_is_a_knob(tiny_ckpt, tmp_path):
     ckpt, face = tiny_ckpt
-    loaded = sample.load_run(ckpt)
-    crops = sample.reference_crop(parse_config(sample.Config, {}, [f"--face={face}"]), 16, "cpu").expand(2, -1, -1, -1)
-    cfg = parse_config(sample.Config, {}, ["--cfg=3.0"])
+    loaded = load_run(ckpt)
+    crops = sample.reference_crop(parse_config(sample.Config, {}, [f"--face={face}"]), 16, 1.4, "cpu")
+    crops = crops.expand(2, -1, -1, -1)
 
     def images(seed, id_scale=1.0):
-        cfg.id_scale = id_scale
-        return sample.generate(loaded, ["a face on red"] * 2, crops, cfg, torch.Generator().manual_seed(seed))[0]
+        gen = torch.Generator().manual_seed(seed)
+        return generate(loaded, ["a face on red"] * 2, crops, gen, cfg_scale=3.0, id_scale=id_scale)[0]
 
     a, b = images(0), images(0)
     assert torch.equal(a, b)

@@ -1,5 +1,5 @@
-"""synthfaces: the procedural identity dataset (data/synthfaces/prepare.py) and its judge (data/synthfaces/judge.py).
-Everything runs on the `tiny` presets in a temporary folder: CPU, offline, a few seconds."""
+"""synthfaces: the procedural identity dataset (data/synthfaces/prepare.py), its captions (captions.py) and its judge
+(judge.py). Everything runs on the `tiny` presets in a temporary folder: CPU, offline, a few seconds."""
 
 import json
 import os
@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from common import UserError, parse_config
+from data.manifest import read_manifest
+from data.synthfaces import captions as C
 from data.synthfaces import judge as J
 from data.synthfaces import prepare as P
-from data.manifest import read_manifest
 
 
 def _prepare(out_dir, **overrides):
@@ -61,8 +62,8 @@ def test_manifest_fields_paths_and_splits(data_dir):
     for r in records:
         assert Image.open(r["path"]).size == (cfg.resolution, cfg.resolution)
         assert Image.open(r["crop_path"]).size == (cfg.crop_size, cfg.crop_size)
-        assert set(r["attributes"]) == set(P.ATTRIBUTES)
-        assert all(v in P.ATTRIBUTES[k] for k, v in r["attributes"].items())
+        assert set(r["attributes"]) == set(C.ATTRIBUTES)
+        assert all(v in C.ATTRIBUTES[k] for k, v in r["attributes"].items())
         assert (r["attributes"]["accessory"] == "none") == (r["attributes"]["accessory_color"] == "none")
         x0, y0, x1, y1 = r["face_box"]
         assert 0 <= x0 < x1 <= cfg.resolution and 0 <= y0 < y1 <= cfg.resolution
@@ -72,10 +73,10 @@ def test_manifest_fields_paths_and_splits(data_dir):
     assert (len(train_ids), len(test_ids)) == (cfg.train_ids, cfg.test_ids)
     assert (len(train), len(test)) == (cfg.train_ids * cfg.train_images, cfg.test_ids * cfg.test_images)
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
-    assert meta["counts"]["train_images"] == len(train) and meta["attributes"] == P.ATTRIBUTES
+    assert meta["counts"]["train_images"] == len(train) and meta["attributes"] == C.ATTRIBUTES
     # the face size attribute is visible in the box: mean box height grows small < medium < large
     heights = {s: np.mean([r["face_box"][3] - r["face_box"][1] for r in records if r["attributes"]["size"] == s])
-               for s in P.ATTRIBUTES["size"]}
+               for s in C.ATTRIBUTES["size"]}
     assert heights["small"] < heights["medium"] < heights["large"]
 
 
@@ -85,12 +86,12 @@ def test_captions_agree_with_attributes(data_dir):
     pairs = [(r["attributes"], r["caption_short"], r["caption_long"]) for r in records]
     for _ in range(300):  # and many more contexts than the tiny data holds
         attrs = P.sample_attributes(rng)
-        pairs.append((attrs, P.build_caption(attrs), P.build_caption(attrs, long=True)))
+        pairs.append((attrs, C.build_caption(attrs), C.build_caption(attrs, long=True)))
     for attrs, short, long in pairs:
-        assert P.parse_caption(short) == attrs and P.parse_caption(long) == attrs
+        assert C.parse_caption(short) == attrs and C.parse_caption(long) == attrs
         assert len(long) > len(short)
     with pytest.raises(ValueError):
-        P.parse_caption("a photo of a person")
+        C.parse_caption("a photo of a person")
 
 
 def test_face_box_contains_the_face():
@@ -99,7 +100,7 @@ def test_face_box_contains_the_face():
     for k in range(12):
         traits = P.sample_identity(np.random.default_rng([5, k]))
         attrs = dict(P.sample_attributes(rng), style="flat", lighting="even", accessory="none", accessory_color="none",
-                     position=P.ATTRIBUTES["position"][k % 3], size=P.ATTRIBUTES["size"][k // 3 % 3])
+                     position=C.ATTRIBUTES["position"][k % 3], size=C.ATTRIBUTES["size"][k // 3 % 3])
         image, crop, (x0, y0, x1, y1) = P.render(traits, attrs, resolution=64, jitter=tuple(rng.uniform(-.02, .02, 3)))
         skin = np.abs(np.asarray(image, np.int32) - np.array(traits["skin"])).max(axis=2) <= 2  # (H, W)
         ys, xs = np.nonzero(skin)
@@ -114,7 +115,13 @@ def test_face_box_contains_the_face():
 
 
 def test_tokenizer_round_trip(data_dir):
-    tok = P.load_text_tokenizer(data_dir)
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    # built from tokenizer.json exactly as train.build_text_encoder builds the caption tokenizer
+    with open(os.path.join(data_dir, "tokenizer.json")) as f:
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(f.read()), pad_token="<pad>",
+                                      eos_token="</s>", unk_token="<unk>")
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
     for r in read_manifest(data_dir)[:40]:
         for text in (r["caption_short"], r["caption_long"]):
@@ -151,7 +158,7 @@ def test_judge_api(trained, data_dir):
     assert boxes.shape == (4, 4) and (boxes[:, 2:] > boxes[:, :2]).all()
     assert judge.crop(images, boxes, 24).shape == (4, 3, 24, 24)
     logits = judge.classify(images)
-    assert {k: v.shape[1] for k, v in logits.items()} == {k: len(v) for k, v in P.ATTRIBUTES.items()}
+    assert {k: v.shape[1] for k, v in logits.items()} == {k: len(v) for k, v in C.ATTRIBUTES.items()}
     for which in ("eval", "loss"):
         e = judge.embed(crops, which)
         assert e.shape == (4, judge.id_eval.embed[1].out_features) and torch.allclose(e.norm(dim=1), torch.ones(4))

@@ -106,11 +106,16 @@ def test_index_round_trip_and_eq10():
         tok.bits_to_index(torch.zeros(65))
 
 
-def test_codes_to_sequence_is_row_major_low_to_high():
-    codes = [torch.arange(2 * 1).reshape(1, 2, 1, 1), torch.arange(2 * 4).reshape(1, 2, 2, 2) + 10]
-    seq = tok.codes_to_sequence(codes)  # (B, L, d)
-    assert seq.shape == (1, 5, 2)
-    assert seq[0, :, 0].tolist() == [0, 10, 11, 12, 13] and seq[0, 2, 1].item() == 15  # (h=0, w=1), channel 1
+def test_bits_to_sequence_is_row_major_low_to_high():
+    """Token t of scale k sits at offset_k + row * w + col; its value is the code (2b - 1)/sqrt(d) of that bit."""
+    bits = [torch.randint(0, 2, (1, h, w, 2)) for h, w in [(1, 1), (2, 3)]]
+    seq = tok.bits_to_sequence(bits)  # (B, L, d)
+    assert seq.shape == (1, 7, 2)
+    for k, (b, off) in enumerate(zip(bits, [0, 1])):
+        for r in range(b.shape[1]):
+            for c in range(b.shape[2]):
+                want = (2 * b[0, r, c].float() - 1) / 2**0.5  # bits_to_codes renormalises: a few ulp
+                torch.testing.assert_close(seq[0, off + r * b.shape[2] + c], want, atol=0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.01, 0.1, 0.3])
@@ -193,9 +198,9 @@ def test_bsqvae_api_small():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     h = vae.encode(x)
     assert h.shape == (2, 8, 8, 8) and h.dtype == torch.float32
-    recon, losses = vae(x)  # default schedule small_schedule(8, 8)
-    assert recon.shape == x.shape and "aux" in losses
-    (recon.square().mean() + losses["aux"]).backward()
+    features, q, recon = vae(x)  # default schedule small_schedule(8, 8)
+    assert recon.shape == x.shape and torch.equal(features, h) and q["z"].shape == h.shape
+    (recon.square().mean() + tok.bsq_aux_loss(q["inputs"])["aux"]).backward()
     assert vae.encoder.conv_in.conv.weight.grad is not None
     assert vae.decode(h).abs().max() <= 1
     assert tok.load_infinity_vae(vae.state_dict()).cfg == cfg  # architecture (patch 4, 3 levels) inferred back

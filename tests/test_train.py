@@ -10,7 +10,8 @@ import torch
 
 import train
 from common import UserError, load_checkpoint, parse_config
-from data.manifest import epoch_batches, load_image, read_manifest
+from common import setup_device
+from data.manifest import epoch_batches, load_image, pick_references, read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,10 +35,10 @@ def test_tiny_run_logs_and_checkpoint(tiny_run, tmp_path):
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == 4 and ckpt["model_config"]["use_hf_adapter"] and ckpt["model_config"]["codebook_dim"] == 8
     # everything sample.py needs comes back from the checkpoint alone
-    from sample import load_run
+    from pipeline import load_run
 
     loaded = load_run(os.path.join(out, "ckpt.pt"))
-    assert loaded["step"] == 4 and loaded["captions"]("a red face")["input_ids"][-1] == 1  # </s> appended
+    assert loaded.step == 4 and loaded.captions("a red face")["input_ids"][-1] == 1  # </s> appended
 
 
 def test_resume_equals_uninterrupted(tiny_run, tmp_path):
@@ -90,3 +91,38 @@ def test_grad_accumulation_equals_one_big_batch(tiny_run, tmp_path):
     run(args(tiny_run, str(tmp_path / "acc"), *extra, "--grad_accum=2"))
     w1, w2 = load_checkpoint(f"{tmp_path}/big/ckpt.pt")["model"], load_checkpoint(f"{tmp_path}/acc/ckpt.pt")["model"]
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+
+
+def test_step_without_cache_encodes_each_image_once_in_fp32(tiny_run, tmp_path):
+    """cache_features=False (the infinity_2b setting): one step encodes every target once with the tokenizer and every
+    distinct reference once with the face encoder (never a reference's full image), with autocast off."""
+    cfg = parse_config(train.Config, train.PRESETS, args(tiny_run, str(tmp_path / "r"), "--cache_features=False"))
+    run = train.build_run(cfg, setup_device("cpu"))
+    seen = {"vae": [], "face": []}
+    for name, net in (("vae", run.vae), ("face", run.face_enc)):
+        def encode(x, _orig=net.encode, _name=name):
+            seen[_name].append((len(x), x.dtype, torch.is_autocast_enabled("cpu")))
+            return _orig(x)
+        net.encode = encode
+    batch = epoch_batches(len(run.records), cfg.batch_size, 0, cfg.seed)[0]
+    refs = pick_references(run.records, run.pools, batch, seeded_generator_u(cfg, 0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # even under an enclosing autocast the encoders run in fp32
+        train.train_step(run, cfg, batch, 1.0)
+    assert sum(n for n, _, _ in seen["vae"]) == len(batch)
+    assert sum(n for n, _, _ in seen["face"]) == len(set(refs))
+    assert all(dtype == torch.float32 and not autocast for _, dtype, autocast in seen["vae"] + seen["face"])
+
+
+def seeded_generator_u(cfg, step):
+    """The reference draws train_step makes at `step` (the third of its per-sample uniform draws)."""
+    from common import seeded_generator
+
+    g = seeded_generator(cfg.seed, step)
+    return [torch.rand(cfg.batch_size, generator=g) for _ in range(3)][2]
+
+
+def test_hf_first_scale_without_high_frequency_tokens_is_a_config_error(tiny_run, tmp_path):
+    from face_encoder import FaceError
+
+    with pytest.raises(FaceError, match="hf_first_scale=5 leaves no high-frequency face tokens"):
+        run(args(tiny_run, str(tmp_path / "r"), "--hf_first_scale=5"))  # 16 px crop, patch 2: 5 scales

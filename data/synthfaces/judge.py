@@ -12,26 +12,28 @@ TRAIN identities only, once, and cached next to the data in <data_dir>/judge.pt.
   id_eval  identity embedding, residual net, seed+2: the FaceSim evaluator. A different architecture and seed, so the
            generator is never scored by the network it was trained against (design.md section 5)
 
-Both identity nets see square face crops (side = crop_margin * max(box w, h), the same framing as prepare.py's
-reference crops) resized to id_size, and are trained as classifiers over the train identities with a CosFace head
-(logit = s * (cos - m) on the true class [CosFace] arXiv:1801.09414); the embedding is the L2-normalised feature.
+Both identity nets see square face crops (face_detect.square_crop: side = crop_scale * max(box w, h), the framing
+of prepare.py's reference crops) resized to id_size, and are trained as classifiers over the train identities with a
+CosFace head (logit = s * (cos - m) on the true class [CosFace] arXiv:1801.09414); the embedding is the L2-normalised
+feature.
 
 Held-out checks written to <data_dir>/judge_metrics.json: identity top-1 over the train identities on held-out
 images of those identities, verification ROC AUC on the never-seen TEST identities, accuracy of every attribute
 head and mean IoU of the detector on held-out images.
 
-  python data/synthfaces/judge.py                # default data: about 2 min on 2 free CPU cores (--threads=1 if shared)
-  python data/synthfaces/judge.py --preset=tiny --data_dir=/tmp/synthfaces_tiny
-  python data/synthfaces/judge.py --force=True --device=cuda       # retrain even if judge.pt exists
+A library (eval.py and train_tokenizer.py load the trained judge with load_judge) with a command line that trains it,
+run from the repo root as a module:
+  python -m data.synthfaces.judge                # default data: about 2 min on 2 free CPU cores (--threads=1 if shared)
+  python -m data.synthfaces.judge --preset=tiny --data_dir=/tmp/synthfaces_tiny
+  python -m data.synthfaces.judge --force=True --device=cuda       # retrain even if judge.pt exists
 
-Python API (eval.py, face_encoder.py): judge = load_judge(path, device); judge.detect(images) -> boxes;
+Python API (eval.py, train_tokenizer.py): judge = load_judge(path, device); judge.detect(images) -> boxes;
 judge.crop(images, boxes, size); judge.embed(x, which="eval"|"loss"); judge.classify(images) -> {attr: logits};
 judge.face_sim(generated, reference_crops) -> (B,) cosine. Images are (B, 3, H, W) in [-1, 1].
 """
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -42,11 +44,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable (for `common`)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from common import UserError, cli, config_dict, load_checkpoint, log, save_checkpoint  # noqa: E402
-from data.synthfaces.prepare import ATTRIBUTES  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402  (the manifest format is defined once, there)
+import face_detect as fd
+from common import UserError, cli, config_dict, load_checkpoint, log, lr_schedule, resolve_device, save_checkpoint
+from data.manifest import read_manifest
+from data.synthfaces.captions import ATTRIBUTES
 
 
 @dataclass
@@ -214,20 +215,6 @@ class CosFaceHead(nn.Module):
         return scale * cos
 
 
-def crop_faces(images, boxes, size, margin):
-    """Differentiable square crops: images (B, 3, H, W), boxes (B, 4) pixels [x0, y0, x1, y1] -> (B, 3, size, size).
-    Side = margin * max(box w, box h) around the box centre; outside the image the border is repeated (as prepare.py
-    does for the reference crops)."""
-    B, _, H, W = images.shape
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    half = margin * torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 2
-    theta = torch.zeros(B, 2, 3, device=images.device, dtype=images.dtype)  # output [-1, 1] -> input [-1, 1]
-    theta[:, 0, 0], theta[:, 0, 2] = 2 * half / W, 2 * cx / W - 1
-    theta[:, 1, 1], theta[:, 1, 2] = 2 * half / H, 2 * cy / H - 1
-    grid = F.affine_grid(theta, (B, 3, size, size), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def resize(x, size):
     """(B, 3, h, w) -> (B, 3, size, size), antialiased bilinear (differentiable); no-op at the right size."""
     if x.shape[-2:] == (size, size):
@@ -238,10 +225,10 @@ def resize(x, size):
 class Judge(nn.Module):
     """Container of the three trained networks plus the framing constants they were trained with."""
 
-    def __init__(self, resolution, id_size, crop_margin, embed_dim, n_ids, attributes=ATTRIBUTES, scene_width=24,
+    def __init__(self, resolution, id_size, crop_scale, embed_dim, n_ids, attributes=ATTRIBUTES, scene_width=24,
                  id_width=16):
         super().__init__()
-        self.resolution, self.id_size, self.crop_margin = resolution, id_size, crop_margin
+        self.resolution, self.id_size, self.crop_scale = resolution, id_size, crop_scale
         self.attributes = {k: list(v) for k, v in attributes.items()}
         self.scene = SceneNet(resolution, {k: self.attributes[k] for k in SCENE_ATTRIBUTES}, scene_width)
         self.face = FaceAttrNet(id_size, {k: self.attributes[k] for k in FACE_ATTRIBUTES}, id_width)
@@ -257,7 +244,7 @@ class Judge(nn.Module):
 
     def crop(self, images, boxes, size=None):
         """(B, 3, H, W), (B, 4) pixels -> aligned face crops (B, 3, size, size) (default id_size)."""
-        return crop_faces(images, boxes, size or self.id_size, self.crop_margin)
+        return fd.square_crop(images, boxes, self.crop_scale, size or self.id_size)
 
     def embed(self, x, which="eval"):
         """Face crops (or reference crops) (B, 3, h, w) in [-1, 1] -> (B, E) L2-normalised. which = eval | loss."""
@@ -286,6 +273,8 @@ class Judge(nn.Module):
 def load_judge(path, device="cpu"):
     """judge.pt -> Judge in eval mode with frozen weights (inputs can still take gradients, for id_loss)."""
     ckpt = load_checkpoint(path, map_location="cpu")
+    if "crop_scale" not in ckpt["judge_config"]:  # written before crop_margin was renamed crop_scale
+        raise UserError(f"{path} is from an older judge.py; retrain it: python -m data.synthfaces.judge --force=True")
     judge = Judge(**ckpt["judge_config"])
     judge.load_state_dict(ckpt["model"])
     return judge.to(device).eval().requires_grad_(False)
@@ -368,24 +357,19 @@ def roc_auc(scores, labels):
 # Training
 
 
-def schedule(step, total, lr):
-    """Linear warmup over the first 5% of steps, then cosine decay to 0."""
-    warm = max(1, total // 20)
-    return lr * step / warm if step < warm else lr * 0.5 * (1 + np.cos(np.pi * (step - warm) / max(1, total - warm)))
-
-
 def fit(name, params, n, epochs, cfg, step_fn, seed):
     """The one training loop of every net: shuffle n samples per epoch, step_fn(idx, gen) -> (loss, acc)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, n // cfg.batch_size)
     total, step, history = epochs * steps_per_epoch, 0, []
+    warmup = max(1, total // 20)  # linear warmup over 5% of the steps, then cosine decay to 0
     bar = tqdm(total=total, desc=name, leave=False, mininterval=1.0)
     for epoch in range(epochs):
         perm, losses, accs = torch.randperm(n, generator=gen), [], []
         for i in range(steps_per_epoch):
             for g in opt.param_groups:
-                g["lr"] = schedule(step, total, cfg.lr)
+                g["lr"] = lr_schedule(step, cfg.lr, warmup, total)
             loss, acc = step_fn(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size], gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -417,32 +401,66 @@ def main(cfg):
 def train(cfg, ckpt_path):
     """Train all four nets on the train identities, evaluate on held-out images, save judge.pt + metrics."""
     t0 = time.time()
-    metrics_path = os.path.join(cfg.data_dir, "judge_metrics.json")
-    meta_path = os.path.join(cfg.data_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise UserError(f"{meta_path} does not exist; run python data/synthfaces/prepare.py first")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    meta = read_meta(cfg.data_dir)
+    device = resolve_device(cfg.device)
     print(json.dumps(config_dict(cfg), indent=1))
     data, n_ids = load_split(cfg.data_dir, cfg.holdout_per_id)
-    tr = {k: v.to(device) for k, v in data["train"].items()}
     R = meta["resolution"]
-    log(f"data: {len(tr['ids'])} train / {len(data['held']['ids'])} held-out images of {n_ids} train identities, "
-        f"{len(data['test']['ids'])} images of test identities | {R}x{R}, torch threads {torch.get_num_threads()}")
-
-    judge_config = dict(resolution=R, id_size=cfg.id_size, crop_margin=meta["crop_margin"], embed_dim=cfg.embed_dim,
+    log(f"data: {len(data['train']['ids'])} train / {len(data['held']['ids'])} held-out images of {n_ids} train "
+        f"identities, {len(data['test']['ids'])} images of test identities | {R}x{R}, "
+        f"torch threads {torch.get_num_threads()}")
+    judge_config = dict(resolution=R, id_size=cfg.id_size, crop_scale=meta["crop_scale"], embed_dim=cfg.embed_dim,
                         n_ids=n_ids, attributes=ATTRIBUTES, scene_width=cfg.scene_width, id_width=cfg.id_width)
-    torch.manual_seed(cfg.seed)
+    judge = init_judge(judge_config, cfg.seed, device)
+    history = train_nets(judge, {k: v.to(device) for k, v in data["train"].items()}, cfg, device)
+    train_time = time.time() - t0
+    judge.eval().requires_grad_(False)
+    metrics = evaluate(judge, data, device)
+    metrics.update(train_time_s=round(train_time, 1), history={k: [[round(loss, 4), round(a, 4)] for loss, a in v]
+                                                               for k, v in history.items()})
+    save_checkpoint(dict(model=judge.state_dict(), judge_config=judge_config, config=config_dict(cfg),
+                         metrics=metrics), ckpt_path)
+    metrics_path = os.path.join(cfg.data_dir, "judge_metrics.json")
+    with open(metrics_path, "w") as f:
+        f.write(json.dumps(metrics, indent=1) + "\n")
+    log(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=1))
+    ok = (metrics["id_top1_eval"] >= TARGETS["id_top1"] and metrics["test_auc_eval"] >= TARGETS["test_auc"]
+          and min(metrics["attribute_acc"].values()) >= TARGETS["attribute_acc"])
+    log(f"judge {'meets' if ok else 'MISSES'} the targets {TARGETS} | wrote {ckpt_path} and {metrics_path} "
+        f"| trained in {train_time:.0f}s, total {time.time() - t0:.0f}s")
+    return metrics
+
+
+def read_meta(data_dir):
+    """<data_dir>/meta.json of prepare.py (resolution and crop framing of the data)."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; run python -m data.synthfaces.prepare first")
+    with open(path) as f:
+        meta = json.load(f)
+    if "crop_scale" not in meta:  # written before crop_margin was renamed crop_scale
+        raise UserError(f"{path} is from an older prepare.py; rerun python -m data.synthfaces.prepare")
+    return meta
+
+
+def init_judge(judge_config, seed, device):
+    """A new Judge in train mode; each net gets its own initialisation seed (scene: seed, id_loss: seed+1,
+    id_eval: seed+2, face attributes: seed+3), so changing one net leaves the others' starting weights alone."""
+    torch.manual_seed(seed)
     judge = Judge(**judge_config).to(device)
-    nets = [(cfg.seed, [judge.scene]), (cfg.seed + 1, [judge.id_loss, judge.loss_head]),
-            (cfg.seed + 2, [judge.id_eval, judge.eval_head]), (cfg.seed + 3, [judge.face])]
-    for seed, modules in nets:
-        torch.manual_seed(seed)  # each net gets its own initialisation seed
+    nets = [(seed, [judge.scene]), (seed + 1, [judge.id_loss, judge.loss_head]),
+            (seed + 2, [judge.id_eval, judge.eval_head]), (seed + 3, [judge.face])]
+    for net_seed, modules in nets:
+        torch.manual_seed(net_seed)
         for m in (m for module in modules for m in module.modules()):
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-    judge.train()
+    return judge.train()
+
+
+def train_nets(judge, tr, cfg, device):
+    """The four training runs on the train tensors tr (load_split's "train", on device), in order: scene net, face
+    attribute net, id_loss, id_eval. Returns {net: [(mean loss, mean train accuracy) per epoch]}."""
     n_train, history = len(tr["ids"]), {}
     col = {name: a for a, name in enumerate(ATTRIBUTES)}  # attribute -> column of tr["attrs"]
 
@@ -455,7 +473,7 @@ def train(cfg, ckpt_path):
     def face_crops(idx, gen):
         """Crops around jittered true boxes (the detector is never exact), (B, 3, id_size, id_size)."""
         boxes = jitter_boxes(tr["boxes"][idx].cpu(), cfg.box_jitter, gen).to(device)
-        return crop_faces(to_float(tr["images"][idx]), boxes, cfg.id_size, meta["crop_margin"])
+        return judge.crop(to_float(tr["images"][idx]), boxes)
 
     # 1. scene net: face box (L1 on the corners as fractions of the side) + the scene attributes
     def scene_step(idx, gen):
@@ -463,7 +481,7 @@ def train(cfg, ckpt_path):
         x = x + 0.03 * torch.randn(x.shape, generator=gen).to(device)  # a little noise: robustness on generated images
         box, logits = judge.scene(x)
         loss, acc = attribute_loss(logits, idx)
-        return loss + cfg.box_weight * F.l1_loss(box, tr["boxes"][idx] / R), acc
+        return loss + cfg.box_weight * F.l1_loss(box, tr["boxes"][idx] / judge.resolution), acc
 
     history["scene"] = fit("scene", judge.scene.parameters(), n_train, cfg.scene_epochs, cfg, scene_step, cfg.seed)
 
@@ -489,22 +507,7 @@ def train(cfg, ckpt_path):
                                    ("id_eval", judge.id_eval, judge.eval_head, cfg.seed + 2)]:
         params = list(net.parameters()) + list(head.parameters())
         history[which] = fit(which, params, n_train, cfg.id_epochs, cfg, id_step(net, head), seed)
-    train_time = time.time() - t0
-    judge.eval().requires_grad_(False)
-    metrics = evaluate(judge, data, device)
-    metrics.update(train_time_s=round(train_time, 1), history={k: [[round(loss, 4), round(a, 4)] for loss, a in v]
-                                                               for k, v in history.items()})
-    save_checkpoint(dict(model=judge.state_dict(), judge_config=judge_config, config=config_dict(cfg),
-                         metrics=metrics), ckpt_path)
-    with open(metrics_path, "w") as f:
-        f.write(json.dumps(metrics, indent=1) + "\n")
-    summary = {k: v for k, v in metrics.items() if k != "history"}
-    log(json.dumps(summary, indent=1))
-    ok = (metrics["id_top1_eval"] >= TARGETS["id_top1"] and metrics["test_auc_eval"] >= TARGETS["test_auc"]
-          and min(metrics["attribute_acc"].values()) >= TARGETS["attribute_acc"])
-    log(f"judge {'meets' if ok else 'MISSES'} the targets {TARGETS} | wrote {ckpt_path} and {metrics_path} "
-        f"| trained in {train_time:.0f}s, total {time.time() - t0:.0f}s")
-    return metrics
+    return history
 
 
 @torch.no_grad()
@@ -545,7 +548,7 @@ if __name__ == "__main__":
     cli(main, Config, PRESETS)
 
 # -----------------------------------------------------------------------------
-# Expected output on the default data (prepare.py defaults, seed 1337), `python data/synthfaces/judge.py --force=True`
+# Expected output on the default data (prepare.py defaults, seed 1337), `python -m data.synthfaces.judge --force=True`
 # on 2 CPU cores (AMD EPYC, 2 torch threads), lightly loaded machine:
 #   data: 3900 train / 900 held-out images of 300 train identities, 400 images of test identities
 #   scene 8 epochs ~28 s, face 12 epochs 23 s, id_loss 12 epochs 27 s, id_eval 12 epochs 44 s; trained in 127 s,

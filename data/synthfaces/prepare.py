@@ -3,37 +3,37 @@ synthfaces: the embedded procedural identity dataset of the HEAR quick start (de
 
 An *identity* is a seed that fixes face shape, skin tone, eyes (shape, size, spacing, iris colour), brows, nose,
 mouth, ears, hair style and colour, facial hair, and a fine mole/freckle pattern that is 1-2 px at 64x64, so only the
-finest token scales can carry it. Every *image* of an identity varies only what a prompt controls (ATTRIBUTES below).
+finest token scales can carry it. Every *image* of an identity varies only what a prompt controls (captions.ATTRIBUTES).
 Each image gets a short and a long caption of those attributes (never of the identity: that must come from the
 reference face, as in HEAR), the exact face box, and an aligned square face crop (the `--face` reference image).
 Train and test identities are disjoint; test identities are for zero-shot evaluation only.
 
-Run from the repo root (numpy + PIL for the pixels, `tokenizers` for the vocabulary; no download; every output byte
-is a function of the config, whatever the number of workers):
-  python data/synthfaces/prepare.py                           # 300 train ids x 16 + 50 test ids x 8 images, 64x64
-  python data/synthfaces/prepare.py --preset=tiny --out_dir=/tmp/synthfaces_tiny
-  python data/synthfaces/prepare.py --resolution=128 --crop_size=128 --out_dir=data/synthfaces/out128
+Run from the repo root, as a module (numpy + PIL for the pixels, `tokenizers` for the vocabulary; no download; every
+output byte is a function of the config, whatever the number of workers):
+  python -m data.synthfaces.prepare                           # 300 train ids x 16 + 50 test ids x 8 images, 64x64
+  python -m data.synthfaces.prepare --preset=tiny --out_dir=/tmp/synthfaces_tiny
+  python -m data.synthfaces.prepare --resolution=128 --crop_size=128 --out_dir=data/synthfaces/out128
 
 Outputs in out_dir: images/<id>_<k>.png, crops/<id>_<k>.png, manifest.jsonl (one image per line), tokenizer.json
 (word-level, T5 special tokens <pad>=0 </s>=1 <unk>=2, appends </s>), meta.json, contact_sheet.png (rows = identities,
-cols = contexts; also copied to assets/). The manifest follows the format of train.py (read it with
-train.read_manifest); other scripts use ATTRIBUTES, build_caption, parse_caption, load_text_tokenizer from here.
+cols = contexts; also copied to assets/). The manifest follows data/manifest.py (read it with read_manifest); the
+attribute vocabulary, the captions and the tokenizer are defined in data/synthfaces/captions.py.
 """
 
 import json
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable (for `common`)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from common import UserError, cli, config_dict, log  # noqa: E402
+from common import UserError, cli, config_dict, log
+from face_detect import square_box
+from data.synthfaces.captions import ATTRIBUTES, build_caption, build_tokenizer
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Config:
     test_images: int = 8  # images per test identity
     resolution: int = 64  # image side in pixels
     crop_size: int = 64  # side of the aligned square face crop (64 = the tokenizer resolution of the quick start)
-    crop_margin: float = 1.4  # crop side = crop_margin * max(face box w, h), centred on the face box
+    crop_scale: float = 1.4  # crop side = crop_scale * max(face box w, h), centred on it (face_detect.square_box)
     supersample: int = 4  # draw at resolution * supersample, then box-filter down (anti-aliasing)
     sheet_ids: int = 8  # contact sheet rows: identities (first half train, second half test)
     sheet_contexts: int = 8  # contact sheet columns: fixed contexts, the same for every row (plus the reference crop)
@@ -59,102 +59,6 @@ PRESETS = {
     "tiny": dict(train_ids=12, test_ids=4, train_images=8, test_images=4, sheet_ids=4, sheet_contexts=4,
                  sheet_copy="", workers=1, out_dir="out/synthfaces_tiny"),
 }
-
-# -----------------------------------------------------------------------------
-# What a prompt controls: attribute -> values. accessory_color is "none" iff accessory is "none".
-
-ATTRIBUTES = {
-    "background": ["red", "orange", "yellow", "green", "teal", "blue", "purple", "pink"],
-    "clothing": ["red", "blue", "green", "yellow", "black", "white"],
-    "accessory": ["none", "hat", "glasses", "earrings"],
-    "accessory_color": ["none", "red", "blue", "gold", "black"],
-    "expression": ["neutral", "smiling", "surprised", "angry"],
-    "position": ["left", "center", "right"],
-    "size": ["small", "medium", "large"],
-    "lighting": ["even", "left", "right"],
-    "style": ["photo", "flat", "sketch"],
-}
-
-# Captions: the same facts at two levels of detail (HEAR App. C: a short tag-like prompt, then an expansion with
-# expression, clothing and spatial detail). Every phrase is unique to its value, so parse_caption can invert them.
-SHORT = {
-    "style": {"photo": "photo of", "flat": "flat illustration of", "sketch": "pencil sketch of"},
-    "expression": {"neutral": "a calm person", "smiling": "a smiling person", "surprised": "a surprised person",
-                   "angry": "an angry person"},
-    "clothing": "in a {} shirt",
-    "accessory": {"none": "with no accessories", "hat": "with a {} hat", "glasses": "with {} glasses",
-                  "earrings": "with {} earrings"},
-    "size": {"small": "small face", "medium": "medium face", "large": "large face"},
-    "position": {"left": "on the left", "center": "in the center", "right": "on the right"},
-    "lighting": {"even": "even light", "left": "lit from the left", "right": "lit from the right"},
-    "background": "{} background",
-}
-LONG = {
-    "style": {"photo": "A realistic photograph of", "flat": "A flat vector illustration of",
-              "sketch": "A colored pencil sketch of"},
-    "expression": {"neutral": "a person with a calm, neutral expression and relaxed brows",
-                   "smiling": "a person with a broad smile and lifted cheeks",
-                   "surprised": "a person with a surprised look, raised brows and an open mouth",
-                   "angry": "a person with an angry frown and lowered brows"},
-    "clothing": "wearing a {} crew-neck shirt",
-    "accessory": {"none": "and no accessories", "hat": "and a {} brimmed hat", "glasses": "and {} round glasses",
-                  "earrings": "and small {} drop earrings"},
-    "size": {"small": "The head is small and far from the camera",
-             "medium": "The head is at a medium distance from the camera",
-             "large": "The head is a large close-up near the camera"},
-    "position": {"left": "placed on the left side of the frame", "center": "placed in the middle of the frame",
-                 "right": "placed on the right side of the frame"},
-    "lighting": {"even": "Soft, even light falls on the whole scene", "left": "Warm light falls from the left side",
-                 "right": "Warm light falls from the right side"},
-    "background": "in front of a plain {} wall",
-}
-
-
-def _phrases(table, attrs):
-    """The phrase of every attribute under one table (SHORT or LONG)."""
-    acc = table["accessory"][attrs["accessory"]].format(attrs["accessory_color"])
-    return dict(style=table["style"][attrs["style"]], expression=table["expression"][attrs["expression"]],
-                clothing=table["clothing"].format(attrs["clothing"]), accessory=acc,
-                size=table["size"][attrs["size"]], position=table["position"][attrs["position"]],
-                lighting=table["lighting"][attrs["lighting"]],
-                background=table["background"].format(attrs["background"]))
-
-
-def build_caption(attrs, long=False):
-    """Attributes {name: value} -> the short (default) or long caption. Eval/sample use it to write prompts."""
-    p = _phrases(LONG if long else SHORT, attrs)
-    if long:
-        return (f"{p['style']} {p['expression']}, {p['clothing']} {p['accessory']}. {p['size']}, {p['position']}. "
-                f"{p['lighting']}, {p['background']}.")
-    return (f"{p['style']} {p['expression']} {p['clothing']} {p['accessory']}, {p['size']} {p['position']}, "
-            f"{p['lighting']}, {p['background']}")
-
-
-def parse_caption(text):
-    """Caption (short or long) -> attributes {name: value}; raises ValueError unless every attribute matches once."""
-    text = text.lower()
-    found = {}
-    for table in (SHORT, LONG):
-        for name in ("style", "expression", "size", "position", "lighting"):
-            for value, phrase in table[name].items():
-                if phrase.lower() in text:
-                    found.setdefault(name, set()).add(value)
-        for name in ("clothing", "background"):
-            for value in ATTRIBUTES[name]:
-                if table[name].format(value).lower() in text:
-                    found.setdefault(name, set()).add(value)
-        for acc, phrase in table["accessory"].items():
-            for color in (["none"] if acc == "none" else ATTRIBUTES["accessory_color"][1:]):
-                if phrase.format(color).lower() in text:
-                    found.setdefault("accessory", set()).add((acc, color))
-    bad = [n for n in ("style", "expression", "size", "position", "lighting", "clothing", "background", "accessory")
-           if len(found.get(n, ())) != 1]
-    if bad:
-        raise ValueError(f"caption does not name exactly one value of {bad}: {text!r}")
-    attrs = {n: next(iter(v)) for n, v in found.items()}
-    attrs["accessory"], attrs["accessory_color"] = attrs["accessory"]
-    return {n: attrs[n] for n in ATTRIBUTES}
-
 
 # -----------------------------------------------------------------------------
 # Identity traits (fixed per identity) and per-image attributes
@@ -234,7 +138,13 @@ def sample_attributes(rng):
 
 
 # -----------------------------------------------------------------------------
-# Rendering
+# Rendering: one image is drawn on a supersampled canvas from back to front (backdrop, ears, face, marks, facial
+# hair, eyes and brows, nose, mouth, hair, accessory), then shaded, box-filtered down and cropped.
+
+PAPER = (250, 248, 240)  # the sketch style's paper
+PENCIL = (52, 46, 40)  # the sketch style's outlines
+EAR_V = 0.02  # height of the ear centres, in units of the face half-height b
+EYE_OPENING = {"neutral": 1.0, "smiling": 0.7, "surprised": 1.4, "angry": 0.75}  # eye height factor per expression
 
 
 def _mul(color, k):
@@ -255,223 +165,283 @@ def face_outline(fx, fy, a, b, squareness, chin, n=64):
     return [(float(fx + a * xi), float(fy + b * yi)) for xi, yi in zip(x, y)]
 
 
-def render(t, attrs, resolution=64, crop_size=64, crop_margin=1.4, supersample=4, jitter=(0.0, 0.0, 0.0), rng=None):
+class Canvas:
+    """The supersampled drawing of one image (PIL image + pen, side R = resolution * S) and its face frame: centre
+    (fx, fy), half-width a and half-height b in canvas pixels, so face coordinates (u, v) = (+-1, +-1) reach the
+    outline. The style sets fills and outlines: sketch keeps hues (prompts name colours) but pales the big fills and
+    outlines every shape in pencil."""
+
+    def __init__(self, attrs, aspect, resolution, supersample, jitter):
+        self.S, self.R, self.style = supersample, resolution * supersample, attrs["style"]
+        fh = (SIZE_FRAC[attrs["size"]] + jitter[2]) * self.R  # face height
+        self.a, self.b = fh * aspect / 2, fh / 2
+        self.fx, self.fy = (POSITION_FRAC[attrs["position"]] + jitter[0]) * self.R, (0.45 + jitter[1]) * self.R
+        self.line = dict(outline=PENCIL, width=max(1, supersample // 2)) if self.style == "sketch" else {}
+        self.image = Image.new("RGB", (self.R, self.R), self.fill(BACKGROUND_RGB[attrs["background"]]))
+        self.draw = ImageDraw.Draw(self.image)
+
+    def fill(self, color):
+        """The colour of a big filled shape in this style."""
+        return _mix(color, PAPER, 0.5) if self.style == "sketch" else color
+
+    def pt(self, u, v):
+        """Face coordinates -> canvas pixels (x, y)."""
+        return (self.fx + u * self.a, self.fy + v * self.b)
+
+    def box(self, u0, v0, u1, v1):
+        """Face-coordinate corners -> canvas box [x0, y0, x1, y1]."""
+        return [self.fx + u0 * self.a, self.fy + v0 * self.b, self.fx + u1 * self.a, self.fy + v1 * self.b]
+
+    def disc(self, x, y, r, **style):
+        """A disc of radius r (canvas pixels) around canvas point (x, y)."""
+        self.draw.ellipse([x - r, y - r, x + r, y + r], **style)
+
+
+def render(t, attrs, resolution=64, crop_size=64, crop_scale=1.4, supersample=4, jitter=(0.0, 0.0, 0.0), rng=None):
     """Draw one image of identity traits t in context attrs.
     jitter = (dx, dy, dsize) as fractions of the image side; rng (numpy Generator) draws the photo-style noise.
     Returns (image PIL RGB resolution^2, crop PIL RGB crop_size^2, face_box [x0, y0, x1, y1] in image pixels)."""
-    S = supersample
-    R = resolution * S  # canvas side
-    style = attrs["style"]
-    fh = (SIZE_FRAC[attrs["size"]] + jitter[2]) * R  # face height
-    a, b = fh * t["aspect"] / 2, fh / 2  # face half-width, half-height
-    fx, fy = (POSITION_FRAC[attrs["position"]] + jitter[0]) * R, (0.45 + jitter[1]) * R
+    c = Canvas(attrs, t["aspect"], resolution, supersample, jitter)
+    expr = attrs["expression"]
+    _backdrop(c, t, attrs)
+    _ears(c, t)
+    outline, face_box = _face(c, t)
+    _marks(c, t)
+    _facial_hair(c, t, outline)  # under the mouth
+    for sgn in (-1, 1):  # left, right
+        eye_height = _eye(c, t, expr, sgn)
+        _brow(c, t, expr, sgn, eye_height)
+    _nose(c, t)
+    _mouth(c, t, expr)
+    _hair(c, t)
+    _accessory(c, t, attrs)
+    return _downsample_and_crop(_shade(c, attrs), c, face_box, resolution, crop_size, crop_scale, rng)
 
-    def P(u, v):  # face coordinates -> canvas pixels
-        return (fx + u * a, fy + v * b)
 
-    def box(u0, v0, u1, v1):
-        return [fx + u0 * a, fy + v0 * b, fx + u1 * a, fy + v1 * b]
-
-    paper = (250, 248, 240)
-    # sketch keeps hues (prompts name colours) but pales the big fills and outlines every shape in pencil
-    fill = (lambda c: _mix(c, paper, 0.5)) if style == "sketch" else (lambda c: c)
-    line = dict(outline=(52, 46, 40), width=max(1, S // 2)) if style == "sketch" else {}
-    skin, hair = t["skin"], t["hair"]
-
-    img = Image.new("RGB", (R, R), fill(BACKGROUND_RGB[attrs["background"]]))
-    d = ImageDraw.Draw(img)
-    if style == "sketch":  # diagonal hatching on the background
+def _backdrop(c, t, attrs):
+    """Everything behind the head: sketch hatching on the background, the body (clothing), long hair, and the neck
+    in shadow (never the exact skin colour)."""
+    d, S, R = c.draw, c.S, c.R
+    if c.style == "sketch":  # diagonal hatching
         for k in range(-R, R, 5 * S):
-            d.line([(k, R), (k + R, 0)], fill=_mul(fill(BACKGROUND_RGB[attrs["background"]]), 0.88), width=S // 2)
+            d.line([(k, R), (k + R, 0)], fill=_mul(c.fill(BACKGROUND_RGB[attrs["background"]]), 0.88), width=S // 2)
+    d.rounded_rectangle(c.box(-2.0, 1.25, 2.0, 1.25 + R / c.b), radius=0.9 * c.a,
+                        fill=c.fill(CLOTHING_RGB[attrs["clothing"]]), **c.line)
+    if t["hair_style"] in ("long", "bob"):
+        bottom = 1.45 if t["hair_style"] == "long" else 0.8
+        d.rounded_rectangle(c.box(-1.32, -1.05, 1.32, bottom), radius=0.6 * c.a, fill=c.fill(t["hair"]), **c.line)
+    d.rectangle(c.box(-0.42, 0.5, 0.42, 1.4), fill=c.fill(_mul(t["skin"], 0.72)))
 
-    # body (clothing), long hair behind the head, neck in shadow (never the exact skin colour)
-    d.rounded_rectangle(box(-2.0, 1.25, 2.0, 1.25 + R / b), radius=0.9 * a, fill=fill(CLOTHING_RGB[attrs["clothing"]]),
-                        **line)
-    hs = t["hair_style"]
-    if hs in ("long", "bob"):
-        bottom = 1.45 if hs == "long" else 0.8
-        d.rounded_rectangle(box(-1.32, -1.05, 1.32, bottom), radius=0.6 * a, fill=fill(hair), **line)
-    d.rectangle(box(-0.42, 0.5, 0.42, 1.4), fill=fill(_mul(skin, 0.72)))
 
-    # ears, then the face over their inner edge
-    ew, eh = 0.26 * t["ear_size"], 0.30 * t["ear_size"] * (1.35 if t["ear_shape"] == 2 else 1.0)
-    ear_y = 0.02
+def _ear_size(t):
+    """(width, half-height) of an ear in face units."""
+    return 0.26 * t["ear_size"], 0.30 * t["ear_size"] * (1.35 if t["ear_shape"] == 2 else 1.0)
+
+
+def _ears(c, t):
+    """Round, pointed or long ears, centred at u = +-0.97 so the face covers their inner edge."""
+    ew, eh = _ear_size(t)
+    skin = t["skin"]
     for sgn in (-1, 1):
         cu = sgn * 0.97
         if t["ear_shape"] == 1:  # pointed: an ellipse with a tip at the top
-            pts = [P(cu + sgn * ew / 2 * np.cos(q), ear_y + eh * np.sin(q)) for q in np.linspace(-0.3, np.pi + 0.3, 12)]
-            d.polygon(pts + [P(cu + sgn * ew * 0.45, ear_y - eh * 1.45)], fill=fill(skin), **line)
+            arc = np.linspace(-0.3, np.pi + 0.3, 12)
+            pts = [c.pt(cu + sgn * ew / 2 * np.cos(q), EAR_V + eh * np.sin(q)) for q in arc]
+            c.draw.polygon(pts + [c.pt(cu + sgn * ew * 0.45, EAR_V - eh * 1.45)], fill=c.fill(skin), **c.line)
         else:
-            d.ellipse(box(cu - ew / 2, ear_y - eh, cu + ew / 2, ear_y + eh), fill=fill(skin), **line)
-        d.ellipse(box(cu - ew / 5, ear_y - eh / 2, cu + ew / 5, ear_y + eh / 2), fill=fill(_mul(skin, 0.84)))
-    outline = face_outline(fx, fy, a, b, t["squareness"], t["chin"])
-    d.polygon(outline, fill=fill(skin), **line)
-    xs = [p[0] for p in outline] + [fx - (0.97 + ew / 2) * a, fx + (0.97 + ew / 2) * a]
-    face_box = [min(xs), fy - b, max(xs), fy + b]  # face outline and both ears (hair and hat excluded)
+            c.draw.ellipse(c.box(cu - ew / 2, EAR_V - eh, cu + ew / 2, EAR_V + eh), fill=c.fill(skin), **c.line)
+        c.draw.ellipse(c.box(cu - ew / 5, EAR_V - eh / 2, cu + ew / 5, EAR_V + eh / 2), fill=c.fill(_mul(skin, 0.84)))
 
-    # fine marks: freckles (about 1 px at 64x64) and moles (about 2 px)
+
+def _face(c, t):
+    """The skin of the face. Returns its outline [(x, y)] and the face box [x0, y0, x1, y1] in canvas pixels:
+    outline and both ears (hair and hat excluded)."""
+    outline = face_outline(c.fx, c.fy, c.a, c.b, t["squareness"], t["chin"])
+    c.draw.polygon(outline, fill=c.fill(t["skin"]), **c.line)
+    ew, _ = _ear_size(t)
+    xs = [p[0] for p in outline] + [c.fx - (0.97 + ew / 2) * c.a, c.fx + (0.97 + ew / 2) * c.a]
+    return outline, [min(xs), c.fy - c.b, max(xs), c.fy + c.b]
+
+
+def _marks(c, t):
+    """Fine marks: freckles (about 1 px at 64x64) and moles (about 2 px)."""
     for u, v in t["freckles"]:
-        x, y = P(u, v)
-        r = 0.45 * S
-        d.ellipse([x - r, y - r, x + r, y + r], fill=_mul(skin, 0.70))
+        c.disc(*c.pt(u, v), 0.45 * c.S, fill=_mul(t["skin"], 0.70))
     for u, v, r in t["moles"]:
-        x, y = P(u, v)
-        d.ellipse([x - r * S, y - r * S, x + r * S, y + r * S], fill=_mul(skin, 0.38))
+        c.disc(*c.pt(u, v), r * c.S, fill=_mul(t["skin"], 0.38))
 
-    # facial hair, under the mouth
-    fhair = t["facial_hair"]
-    if fhair == "beard":
-        d.polygon([p for p in outline if p[1] > fy + 0.3 * b], fill=fill(hair), **line)
-    elif fhair == "goatee":
-        d.ellipse(box(-0.22, t["mouth_y"] + 0.07, 0.22, 0.98), fill=fill(hair))
-    elif fhair == "moustache":
+
+def _facial_hair(c, t, outline):
+    """A beard (the face outline below the cheeks), a goatee or a moustache."""
+    hair, my = t["hair"], t["mouth_y"]
+    if t["facial_hair"] == "beard":
+        c.draw.polygon([p for p in outline if p[1] > c.fy + 0.3 * c.b], fill=c.fill(hair), **c.line)
+    elif t["facial_hair"] == "goatee":
+        c.draw.ellipse(c.box(-0.22, my + 0.07, 0.22, 0.98), fill=c.fill(hair))
+    elif t["facial_hair"] == "moustache":
         mw = t["mouth_width"] * 0.6
-        d.polygon([P(-mw, t["mouth_y"] - 0.04), P(0, t["mouth_y"] - 0.16), P(mw, t["mouth_y"] - 0.04),
-                   P(0, t["mouth_y"] - 0.08)], fill=hair)
+        c.draw.polygon([c.pt(-mw, my - 0.04), c.pt(0, my - 0.16), c.pt(mw, my - 0.04), c.pt(0, my - 0.08)], fill=hair)
 
-    # eyes: sclera, iris, pupil, highlight, upper lid; expression changes the opening
-    expr = attrs["expression"]
-    open_k = {"neutral": 1.0, "smiling": 0.7, "surprised": 1.4, "angry": 0.75}[expr]
-    for sgn in (-1, 1):
-        ex, ey = P(sgn * t["eye_spacing"], t["eye_y"])
-        w = t["eye_size"] * a
-        h = w * t["eye_ratio"] * open_k
-        d.ellipse([ex - w / 2, ey - h / 2, ex + w / 2, ey + h / 2], fill=(245, 245, 238), outline=(40, 30, 30),
-                  width=max(1, S // 2))
-        ri = min(0.5 * h, 0.32 * w)
-        d.ellipse([ex - ri, ey - ri, ex + ri, ey + ri], fill=t["iris"])
-        rp = 0.45 * ri
-        d.ellipse([ex - rp, ey - rp, ex + rp, ey + rp], fill=(12, 10, 10))
-        hx, hy = ex + 0.35 * ri, ey - 0.35 * ri
-        d.ellipse([hx - 0.22 * ri, hy - 0.22 * ri, hx + 0.22 * ri, hy + 0.22 * ri], fill=(255, 255, 255))
-        d.arc([ex - w / 2, ey - h / 2, ex + w / 2, ey + h / 2], 190, 350, fill=(30, 22, 22), width=max(1, S // 2 + 1))
-        # brow: inner, middle, outer point; angry pulls the inner end down, surprised lifts the whole brow
-        lift = {"surprised": -0.13, "angry": -0.03}.get(expr, 0.0)
-        by = t["eye_y"] - h / b / 2 - t["brow_gap"] + lift
-        inner_drop = t["brow_tilt"] + (0.2 if expr == "angry" else 0.0)
-        inner = P(sgn * (t["eye_spacing"] - t["eye_size"] * 0.55), by + inner_drop)
-        mid = P(sgn * t["eye_spacing"], by - t["brow_arch"])
-        outer = P(sgn * (t["eye_spacing"] + t["eye_size"] * 0.65), by)
-        d.line([inner, mid, outer], fill=_mul(hair, 0.75), width=max(S, int(t["brow_thick"] * b)), joint="curve")
 
-    # nose
+def _eye(c, t, expr, sgn):
+    """One eye (sgn -1 left, +1 right): sclera, iris, pupil, highlight, upper lid; the expression changes the
+    opening. Returns the eye height in canvas pixels."""
+    ex, ey = c.pt(sgn * t["eye_spacing"], t["eye_y"])
+    w = t["eye_size"] * c.a
+    h = w * t["eye_ratio"] * EYE_OPENING[expr]
+    eye = [ex - w / 2, ey - h / 2, ex + w / 2, ey + h / 2]
+    c.draw.ellipse(eye, fill=(245, 245, 238), outline=(40, 30, 30), width=max(1, c.S // 2))
+    ri = min(0.5 * h, 0.32 * w)  # iris radius
+    c.disc(ex, ey, ri, fill=t["iris"])
+    c.disc(ex, ey, 0.45 * ri, fill=(12, 10, 10))
+    c.disc(ex + 0.35 * ri, ey - 0.35 * ri, 0.22 * ri, fill=(255, 255, 255))
+    c.draw.arc(eye, 190, 350, fill=(30, 22, 22), width=max(1, c.S // 2 + 1))
+    return h
+
+
+def _brow(c, t, expr, sgn, eye_height):
+    """The brow over one eye through an inner, middle and outer point; angry pulls the inner end down, surprised
+    lifts the whole brow."""
+    lift = {"surprised": -0.13, "angry": -0.03}.get(expr, 0.0)
+    by = t["eye_y"] - eye_height / c.b / 2 - t["brow_gap"] + lift
+    inner_drop = t["brow_tilt"] + (0.2 if expr == "angry" else 0.0)
+    inner = c.pt(sgn * (t["eye_spacing"] - t["eye_size"] * 0.55), by + inner_drop)
+    mid = c.pt(sgn * t["eye_spacing"], by - t["brow_arch"])
+    outer = c.pt(sgn * (t["eye_spacing"] + t["eye_size"] * 0.65), by)
+    c.draw.line([inner, mid, outer], fill=_mul(t["hair"], 0.75), width=max(c.S, int(t["brow_thick"] * c.b)),
+                joint="curve")
+
+
+def _nose(c, t):
+    """A line, a triangle or a button, the last two with nostrils."""
     top, tip = t["eye_y"] + 0.05, t["eye_y"] + t["nose_len"]
     nw = t["nose_width"] / 2
-    nose_dark = _mul(skin, 0.62)
+    dark = _mul(t["skin"], 0.62)
     if t["nose_type"] == 0:
-        d.line([P(0.03, top), P(0.07, tip), P(-nw, tip)], fill=nose_dark, width=max(1, S // 2 + 1), joint="curve")
+        c.draw.line([c.pt(0.03, top), c.pt(0.07, tip), c.pt(-nw, tip)], fill=dark, width=max(1, c.S // 2 + 1),
+                    joint="curve")
+        return
+    if t["nose_type"] == 1:
+        c.draw.polygon([c.pt(0, top), c.pt(nw, tip), c.pt(-nw, tip)], fill=_mul(t["skin"], 0.86))
     else:
-        if t["nose_type"] == 1:
-            d.polygon([P(0, top), P(nw, tip), P(-nw, tip)], fill=_mul(skin, 0.86))
-        else:
-            d.ellipse(box(-nw, tip - 0.1, nw, tip + 0.02), fill=_mul(skin, 0.88))
-        for sgn in (-1, 1):
-            x, y = P(sgn * nw * 0.5, tip)
-            d.ellipse([x - 0.5 * S, y - 0.5 * S, x + 0.5 * S, y + 0.5 * S], fill=nose_dark)
+        c.draw.ellipse(c.box(-nw, tip - 0.1, nw, tip + 0.02), fill=_mul(t["skin"], 0.88))
+    for sgn in (-1, 1):
+        c.disc(*c.pt(sgn * nw * 0.5, tip), 0.5 * c.S, fill=dark)
 
-    # mouth: the expression decides the shape, the identity its width, height and lip colour
-    mw, my, lt = t["mouth_width"], t["mouth_y"], max(S, int(t["lip"] * b))
-    lip = t["lip_color"]
+
+def _mouth(c, t, expr):
+    """The expression decides the shape, the identity its width, height and lip colour."""
+    d = c.draw
+    mw, my, lt, lip = t["mouth_width"], t["mouth_y"], max(c.S, int(t["lip"] * c.b)), t["lip_color"]
     if expr == "neutral":
-        d.line([P(-mw / 2, my), P(mw / 2, my)], fill=lip, width=lt)
-        d.line([P(-mw / 2, my), P(mw / 2, my)], fill=_mul(lip, 0.55), width=max(1, S // 2))
+        d.line([c.pt(-mw / 2, my), c.pt(mw / 2, my)], fill=lip, width=lt)
+        d.line([c.pt(-mw / 2, my), c.pt(mw / 2, my)], fill=_mul(lip, 0.55), width=max(1, c.S // 2))
     elif expr == "smiling":
-        d.chord(box(-mw * 0.62, my - 0.16, mw * 0.62, my + 0.2), 0, 180, fill=(110, 24, 34), outline=lip, width=lt)
-        d.rectangle(box(-mw * 0.4, my + 0.02, mw * 0.4, my + 0.06), fill=(246, 244, 236))
+        d.chord(c.box(-mw * 0.62, my - 0.16, mw * 0.62, my + 0.2), 0, 180, fill=(110, 24, 34), outline=lip, width=lt)
+        d.rectangle(c.box(-mw * 0.4, my + 0.02, mw * 0.4, my + 0.06), fill=(246, 244, 236))
     elif expr == "surprised":
-        d.ellipse(box(-0.15, my - 0.12, 0.15, my + 0.15), fill=(80, 20, 28), outline=lip, width=max(1, lt * 2 // 3))
+        d.ellipse(c.box(-0.15, my - 0.12, 0.15, my + 0.15), fill=(80, 20, 28), outline=lip, width=max(1, lt * 2 // 3))
     else:  # angry: an open frown (a dome, the smile's bowl upside down)
-        d.chord(box(-mw * 0.55, my - 0.1, mw * 0.55, my + 0.34), 180, 360, fill=(90, 20, 30), outline=lip, width=lt)
+        d.chord(c.box(-mw * 0.55, my - 0.1, mw * 0.55, my + 0.34), 180, 360, fill=(90, 20, 30), outline=lip, width=lt)
 
-    # hair on top: a cap down to the hairline, then the style
-    if hs != "bald":
-        line_v = -t["hairline"] - (0.12 if hs == "spiky" else 0.0)
-        top_v = -1.13
-        cap = box(-1.07, top_v, 1.07, 2 * line_v - top_v)
-        if hs == "spiky":
-            for u in np.linspace(-0.8, 0.8, 7):
-                v_top = top_v * np.sqrt(max(0.0, 1 - u * u / 1.15)) - 0.05
-                d.polygon([P(u - 0.16, v_top + 0.15), P(u, v_top - 0.28), P(u + 0.16, v_top + 0.15)], fill=fill(hair),
-                          **line)
-        if hs == "curly":
-            for q in np.linspace(np.pi * 1.03, np.pi * 1.97, 9):
-                x, y = P(1.02 * np.cos(q), 0.5 * (top_v + line_v) + 0.5 * (line_v - top_v) * np.sin(q) * 1.05)
-                r = 0.24 * a
-                d.ellipse([x - r, y - r, x + r, y + r], fill=fill(hair), **line)
-        d.chord(cap, 180, 360, fill=fill(hair), **line)
-        if hs == "bun":
-            d.ellipse(box(-0.3, top_v - 0.42, 0.3, top_v + 0.05), fill=fill(hair), **line)
-        if hs in ("long", "bob"):  # side curtains over the ears
-            low = 1.3 if hs == "long" else 0.6
-            for sgn in (-1, 1):
-                d.rectangle(box(min(sgn * 0.84, sgn * 1.3), line_v, max(sgn * 0.84, sgn * 1.3), low), fill=fill(hair))
-        else:  # sideburns
-            for sgn in (-1, 1):
-                d.rectangle(box(min(sgn * 0.86, sgn * 1.05), line_v, max(sgn * 0.86, sgn * 1.05), -0.05),
-                            fill=fill(hair))
-        if hs == "side_part":
-            s = t["hair_side"]
-            d.polygon([P(s * 1.0, line_v - 0.02), P(-s * 0.15, line_v - 0.02), P(s * 0.95, line_v + 0.38)],
-                      fill=fill(hair))
-    else:  # bald: tufts above the ears
+
+def _hair(c, t):
+    """Hair on top of the head: a cap down to the hairline, then the style (long hair behind the head is part of
+    the backdrop); bald heads get tufts above the ears."""
+    d, hs, hair = c.draw, t["hair_style"], c.fill(t["hair"])
+    if hs == "bald":
         for sgn in (-1, 1):
-            d.ellipse(box(min(sgn * 0.84, sgn * 1.08), -0.45, max(sgn * 0.84, sgn * 1.08), 0.0), fill=fill(hair))
+            d.ellipse(c.box(min(sgn * 0.84, sgn * 1.08), -0.45, max(sgn * 0.84, sgn * 1.08), 0.0), fill=hair)
+        return
+    line_v, top_v = -t["hairline"] - (0.12 if hs == "spiky" else 0.0), -1.13
+    if hs == "spiky":
+        for u in np.linspace(-0.8, 0.8, 7):
+            v_top = top_v * np.sqrt(max(0.0, 1 - u * u / 1.15)) - 0.05
+            d.polygon([c.pt(u - 0.16, v_top + 0.15), c.pt(u, v_top - 0.28), c.pt(u + 0.16, v_top + 0.15)], fill=hair,
+                      **c.line)
+    if hs == "curly":
+        for q in np.linspace(np.pi * 1.03, np.pi * 1.97, 9):
+            x, y = c.pt(1.02 * np.cos(q), 0.5 * (top_v + line_v) + 0.5 * (line_v - top_v) * np.sin(q) * 1.05)
+            c.disc(x, y, 0.24 * c.a, fill=hair, **c.line)
+    d.chord(c.box(-1.07, top_v, 1.07, 2 * line_v - top_v), 180, 360, fill=hair, **c.line)  # the cap
+    if hs == "bun":
+        d.ellipse(c.box(-0.3, top_v - 0.42, 0.3, top_v + 0.05), fill=hair, **c.line)
+    if hs in ("long", "bob"):  # side curtains over the ears
+        low = 1.3 if hs == "long" else 0.6
+        for sgn in (-1, 1):
+            d.rectangle(c.box(min(sgn * 0.84, sgn * 1.3), line_v, max(sgn * 0.84, sgn * 1.3), low), fill=hair)
+    else:  # sideburns
+        for sgn in (-1, 1):
+            d.rectangle(c.box(min(sgn * 0.86, sgn * 1.05), line_v, max(sgn * 0.86, sgn * 1.05), -0.05), fill=hair)
+    if hs == "side_part":
+        s = t["hair_side"]
+        d.polygon([c.pt(s * 1.0, line_v - 0.02), c.pt(-s * 0.15, line_v - 0.02), c.pt(s * 0.95, line_v + 0.38)],
+                  fill=hair)
 
-    # accessory
-    acc = attrs["accessory"]
-    if acc != "none":
-        ac = ACCESSORY_RGB[attrs["accessory_color"]]
-        if acc == "hat":
-            brim_v, top_v = -0.62, -1.55
-            d.chord(box(-1.03, top_v, 1.03, 2 * brim_v - top_v), 180, 360, fill=fill(ac), **line)
-            d.rectangle(box(-1.0, brim_v - 0.26, 1.0, brim_v - 0.12), fill=_mul(ac, 0.6))
-            d.rounded_rectangle(box(-1.5, brim_v - 0.08, 1.5, brim_v + 0.07), radius=0.05 * b, fill=fill(ac), **line)
-        elif acc == "glasses":
-            rim = max(S, int(0.1 * a))
-            inner = []
-            for sgn in (-1, 1):
-                ex, ey = P(sgn * t["eye_spacing"], t["eye_y"])
-                rx, ry = 0.8 * t["eye_size"] * a, 0.55 * t["eye_size"] * a
-                d.ellipse([ex - rx, ey - ry, ex + rx, ey + ry], outline=ac, width=rim)
-                inner.append((ex - sgn * rx, ey))
-                d.line([(ex + sgn * rx, ey), P(sgn * 0.97, t["eye_y"] + 0.05)], fill=ac, width=rim)
-            d.line(inner, fill=ac, width=rim)
-        else:  # earrings: drops under the ear lobes
-            for sgn in (-1, 1):
-                x, y = P(sgn * 0.99, ear_y + eh + 0.06)
-                r = 0.13 * a
-                d.ellipse([x - r, y - r, x + r, y + r], fill=ac, outline=_mul(ac, 0.5), width=max(1, S // 2))
 
-    # photo style: soft focus, shading of the face, vignette; lighting: a horizontal gain ramp. Both in float.
-    if style == "photo":
-        img = img.filter(ImageFilter.GaussianBlur(0.35 * S))
-    if style == "photo" or attrs["lighting"] != "even":
-        x = (np.arange(R, dtype=np.float32) + 0.5) / R
-        gain = np.ones((R, R), np.float32)
-        if style == "photo":
-            u = ((np.arange(R, dtype=np.float32)[None, :] - fx) / a) ** 2
-            v = ((np.arange(R, dtype=np.float32)[:, None] - fy) / b) ** 2
-            gain *= 1 - 0.22 * np.exp(-((u + v - 1.0) ** 2) / 0.08)  # a shadow ring at the face border
-            gain *= 1 - 0.3 * ((x[None, :] - 0.5) ** 2 + (x[:, None] - 0.5) ** 2)  # vignette
-        if attrs["lighting"] != "even":
-            ramp = 1.12 - 0.44 * x  # bright on the left
-            gain *= (ramp if attrs["lighting"] == "left" else ramp[::-1])[None, :]
-        img = Image.fromarray(np.clip(np.asarray(img, np.float32) * gain[:, :, None] + 0.5, 0, 255).astype(np.uint8))
+def _accessory(c, t, attrs):
+    """A hat, glasses or earrings in the prompt's colour (or nothing)."""
+    if attrs["accessory"] == "none":
+        return
+    color = ACCESSORY_RGB[attrs["accessory_color"]]
+    d = c.draw
+    if attrs["accessory"] == "hat":  # crown, band, brim
+        brim_v, top_v = -0.62, -1.55
+        d.chord(c.box(-1.03, top_v, 1.03, 2 * brim_v - top_v), 180, 360, fill=c.fill(color), **c.line)
+        d.rectangle(c.box(-1.0, brim_v - 0.26, 1.0, brim_v - 0.12), fill=_mul(color, 0.6))
+        d.rounded_rectangle(c.box(-1.5, brim_v - 0.08, 1.5, brim_v + 0.07), radius=0.05 * c.b, fill=c.fill(color),
+                            **c.line)
+    elif attrs["accessory"] == "glasses":  # a rim around each eye, temples to the ears, a bridge
+        rim, inner = max(c.S, int(0.1 * c.a)), []
+        for sgn in (-1, 1):
+            ex, ey = c.pt(sgn * t["eye_spacing"], t["eye_y"])
+            rx, ry = 0.8 * t["eye_size"] * c.a, 0.55 * t["eye_size"] * c.a
+            d.ellipse([ex - rx, ey - ry, ex + rx, ey + ry], outline=color, width=rim)
+            inner.append((ex - sgn * rx, ey))
+            d.line([(ex + sgn * rx, ey), c.pt(sgn * 0.97, t["eye_y"] + 0.05)], fill=color, width=rim)
+        d.line(inner, fill=color, width=rim)
+    else:  # earrings: drops under the ear lobes
+        _, eh = _ear_size(t)
+        for sgn in (-1, 1):
+            c.disc(*c.pt(sgn * 0.99, EAR_V + eh + 0.06), 0.13 * c.a, fill=color, outline=_mul(color, 0.5),
+                   width=max(1, c.S // 2))
 
-    # downsample; the crop is cut from the canvas (sharper than the image, like a close-up reference photo), with
-    # the canvas edge-padded so faces near the border still get a full square crop
+
+def _shade(c, attrs):
+    """Photo style: soft focus, a shadow ring at the face border, a vignette; lighting: a horizontal gain ramp.
+    Computed in float. Returns the shaded canvas (PIL)."""
+    img, R = c.image, c.R
+    if c.style == "photo":
+        img = img.filter(ImageFilter.GaussianBlur(0.35 * c.S))
+    if c.style != "photo" and attrs["lighting"] == "even":
+        return img
+    x = (np.arange(R, dtype=np.float32) + 0.5) / R
+    gain = np.ones((R, R), np.float32)
+    if c.style == "photo":
+        u = ((np.arange(R, dtype=np.float32)[None, :] - c.fx) / c.a) ** 2
+        v = ((np.arange(R, dtype=np.float32)[:, None] - c.fy) / c.b) ** 2
+        gain *= 1 - 0.22 * np.exp(-((u + v - 1.0) ** 2) / 0.08)  # a shadow ring at the face border
+        gain *= 1 - 0.3 * ((x[None, :] - 0.5) ** 2 + (x[:, None] - 0.5) ** 2)  # vignette
+    if attrs["lighting"] != "even":
+        ramp = 1.12 - 0.44 * x  # bright on the left
+        gain *= (ramp if attrs["lighting"] == "left" else ramp[::-1])[None, :]
+    return Image.fromarray(np.clip(np.asarray(img, np.float32) * gain[:, :, None] + 0.5, 0, 255).astype(np.uint8))
+
+
+def _downsample_and_crop(img, c, face_box, resolution, crop_size, crop_scale, rng):
+    """Box-filter the canvas down to the image, and cut the reference crop from the canvas (sharper than the image,
+    like a close-up reference photo): the window is face_detect.square_box, the one framing of every face crop,
+    and the canvas is edge-padded so faces near the border still get a full square crop. Photo style adds sensor
+    noise to both. Returns (image, crop, face box in image pixels)."""
     image = img.resize((resolution, resolution), Image.BOX)
-    cx, cy = (face_box[0] + face_box[2]) / 2, (face_box[1] + face_box[3]) / 2
-    half = crop_margin * max(face_box[2] - face_box[0], face_box[3] - face_box[1]) / 2
-    pad = int(np.ceil(max(half - min(cx, cy), half - (R - max(cx, cy)), 0))) + 1
-    canvas = Image.fromarray(np.pad(np.asarray(img), ((pad, pad), (pad, pad), (0, 0)), mode="edge")) if pad else img
-    crop = canvas.resize((crop_size, crop_size), Image.BOX, box=(cx - half + pad, cy - half + pad,
-                                                                 cx + half + pad, cy + half + pad))
-    if style == "photo" and rng is not None:  # sensor noise
+    x0, y0, x1, y1 = square_box(torch.tensor(face_box, dtype=torch.float64), crop_scale).tolist()  # the crop window
+    pad = int(np.ceil(max(-x0, -y0, x1 - c.R, y1 - c.R, 0))) + 1
+    canvas = Image.fromarray(np.pad(np.asarray(img), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+    crop = canvas.resize((crop_size, crop_size), Image.BOX, box=(x0 + pad, y0 + pad, x1 + pad, y1 + pad))
+    if c.style == "photo" and rng is not None:  # sensor noise
         image, crop = (Image.fromarray(np.clip(np.asarray(im, np.float32) + rng.normal(0, 3.0, (*im.size[::-1], 3)),
                                                0, 255).round().astype(np.uint8)) for im in (image, crop))
-    face_box = [round(float(np.clip(c / S, 0, resolution)), 2) for c in face_box]
-    return image, crop, face_box
+    return image, crop, [round(float(np.clip(v / c.S, 0, resolution)), 2) for v in face_box]
 
 
 # -----------------------------------------------------------------------------
@@ -492,7 +462,7 @@ def _render_identity(job):
     for k in range(n):
         attrs = sample_attributes(rng)
         jitter = tuple(rng.uniform(-0.02, 0.02, 3))
-        image, crop, face_box = render(traits, attrs, c["resolution"], c["crop_size"], c["crop_margin"],
+        image, crop, face_box = render(traits, attrs, c["resolution"], c["crop_size"], c["crop_scale"],
                                        c["supersample"], jitter, rng)
         path, crop_path = f"images/{name}_{k:02d}.png", f"crops/{name}_{k:02d}.png"
         image.save(os.path.join(c["out_dir"], path), format="PNG")
@@ -501,44 +471,6 @@ def _render_identity(job):
                             caption_short=build_caption(attrs), caption_long=build_caption(attrs, long=True),
                             face_box=face_box))
     return records
-
-
-def build_tokenizer():
-    """Word-level caption tokenizer (T5 conventions: <pad>=0, </s>=1, <unk>=2, '</s>' appended), lower-cased,
-    split on whitespace and punctuation. The vocabulary covers every phrase of every attribute value, so any
-    build_caption output is in-vocabulary whatever the sampled data."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    pre = pre_tokenizers.Whitespace()  # regex \w+|[^\w\s]+
-    words = set()
-    for name, values in ATTRIBUTES.items():
-        for value in values:
-            attrs = {n: v[1] for n, v in ATTRIBUTES.items()}  # any valid base context
-            attrs[name] = value
-            if value == "none" and name in ("accessory", "accessory_color"):
-                attrs["accessory"], attrs["accessory_color"] = "none", "none"
-            for long in (False, True):
-                words.update(w for w, _ in pre.pre_tokenize_str(build_caption(attrs, long).lower()))
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in sorted(words):
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
-    return tok
-
-
-def load_text_tokenizer(data_dir):
-    """tokenizer.json -> transformers PreTrainedTokenizerFast with the T5 special tokens set."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = os.path.join(data_dir, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist; run python data/synthfaces/prepare.py --out_dir={data_dir}")
-    return PreTrainedTokenizerFast(tokenizer_file=path, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def contact_sheet(cfg, rows):
@@ -554,7 +486,7 @@ def contact_sheet(cfg, rows):
     for i, (split, ordinal) in enumerate(rows):
         traits = sample_identity(identity_rng(cfg.seed, split, ordinal))
         for j, attrs in enumerate(contexts):  # no sensor noise (rng=None): it would triple the PNG size
-            image, crop, _ = render(traits, attrs, res, cfg.crop_size, cfg.crop_margin, cfg.supersample)
+            image, crop, _ = render(traits, attrs, res, cfg.crop_size, cfg.crop_scale, cfg.supersample)
             if j == 0:
                 sheet.paste(crop.resize((res, res), Image.BOX), (gap, gap + i * (res + gap)))
             sheet.paste(image, (gap + (j + 1) * (res + gap), gap + i * (res + gap)))
@@ -565,8 +497,8 @@ def main(cfg):
     t0 = time.time()
     if min(cfg.train_ids, cfg.test_ids, cfg.train_images, cfg.test_images) < 1:
         raise UserError("train_ids, test_ids, train_images and test_images must all be >= 1")
-    if cfg.resolution < 32 or cfg.crop_size < 16 or cfg.supersample < 1 or cfg.crop_margin < 1.0:
-        raise UserError("need resolution >= 32, crop_size >= 16, supersample >= 1 and crop_margin >= 1")
+    if cfg.resolution < 32 or cfg.crop_size < 16 or cfg.supersample < 1 or cfg.crop_scale < 1.0:
+        raise UserError("need resolution >= 32, crop_size >= 16, supersample >= 1 and crop_scale >= 1")
     print(json.dumps(config_dict(cfg), indent=1))
     for sub in ("images", "crops"):
         os.makedirs(os.path.join(cfg.out_dir, sub), exist_ok=True)
@@ -606,7 +538,7 @@ def main(cfg):
     # meta.json holds only what determines the bytes (no paths, no timings), so equal seeds give equal files
     recorded = {k: v for k, v in c.items() if k not in ("out_dir", "workers", "sheet_copy")}
     meta = dict(name="synthfaces", seed=cfg.seed, resolution=cfg.resolution, crop_size=cfg.crop_size,
-                crop_margin=cfg.crop_margin,
+                crop_scale=cfg.crop_scale,
                 counts=dict(train_ids=cfg.train_ids, test_ids=cfg.test_ids,
                             train_images=cfg.train_ids * cfg.train_images, test_images=cfg.test_ids * cfg.test_images),
                 attributes=ATTRIBUTES, vocab_size=tok.get_vocab_size(), max_caption_tokens=lengths, config=recorded)
@@ -622,7 +554,7 @@ if __name__ == "__main__":
     cli(main, Config, PRESETS)
 
 # -----------------------------------------------------------------------------
-# Expected output, default config (seed 1337), `python data/synthfaces/prepare.py` on 2 CPU cores (AMD EPYC):
+# Expected output, default config (seed 1337), `python -m data.synthfaces.prepare` on 2 CPU cores (AMD EPYC):
 #   rendered 5200 images of 350 identities in 10.6s (2 workers); 12.9 s wall with imports (22 s with --workers=1;
 #   the same bytes either way)
 #   train: 300 identities x 16 images = 4800; test: 50 identities x 8 images = 400 (identities id0300-id0349)
@@ -630,5 +562,5 @@ if __name__ == "__main__":
 #   tokenizer.json: vocab 98 (3 special tokens + 95 words); longest caption in tokens with </s>: short 29, long 72
 #   face box height 24.3-39.7 px (mean 32.0), width 18.0-38.3 px (mean 27.4) at 64x64
 #   attribute values are close to uniform, e.g. style photo 1752 / flat 1741 / sketch 1707
-#   sha256 prefixes: manifest.jsonl 7bc6bb5d8ec3f39d, tokenizer.json 5192db1aa410e753, meta.json c862d097bcdc07ef
+#   sha256 prefixes: manifest.jsonl 7bc6bb5d8ec3f39d, tokenizer.json 5192db1aa410e753, meta.json 83dcd95fc93e60b4
 #   (PNG bytes also depend on the zlib/Pillow build: images/id0000_00.png d86dd9501546914b with Pillow 13.0.0)

@@ -1,0 +1,164 @@
+"""
+The assembled HEAR system, shared by train.py, sample.py, eval.py and bench.py:
+
+  caption   --caption tokenizer--> ids --T5 encoder--> text features ---------------\
+  reference face crop --face encoder--> face tokens (v_g, v_hf; Eq. 3-5) ------------+--> HEAR transformer --> bits
+  bits --add_scale (Eq. 12)--> summed codes --frozen tokenizer's decoder--> image <-----------------------------/
+
+  load_tokenizer(spec)     a frozen BSQ-VAE: a train_tokenizer.py checkpoint or infinity:<official .pth>
+  build_text_encoder(...)  T5 encoder + caption tokenizer: a tiny T5 trained jointly (synthfaces) or a frozen flan-t5
+  TextToBits               caption ids -> T5 features -> bit logits: the one trainable module (DDP wraps it)
+  build_hear(...)          a new transformer, or official Infinity weights + HEAR's new parameters
+  load_run(ckpt)           everything sampling needs, rebuilt from one train.py checkpoint
+  generate(run, ...)       prompts + reference crops -> images (sample.py, eval.py)
+"""
+
+import dataclasses
+import os
+
+import torch
+from torch import nn
+
+import face_encoder as fe
+import model as hear_model
+import tokenizer as tok
+from common import UserError, load_checkpoint
+from data.manifest import geometry
+
+
+def load_tokenizer(spec):
+    """Frozen tokenizer from `infinity:<official .pth>` or a train_tokenizer.py checkpoint -> (BSQVAE, ckpt or None)."""
+    if spec.startswith("infinity:"):
+        return tok.load_infinity_vae(spec.split(":", 1)[1]).eval().requires_grad_(False), None
+    ckpt = load_checkpoint(spec)
+    if "tokenizer_config" not in ckpt:
+        raise UserError(f"{spec} is not a train_tokenizer.py checkpoint (no tokenizer_config)")
+    vae = tok.BSQVAE(tok.TokenizerConfig(**ckpt["tokenizer_config"]))
+    vae.load_state_dict(ckpt["model"])
+    return vae.eval().requires_grad_(False), ckpt
+
+
+def build_text_encoder(spec, vocab_json=None, channels=128, layers=2, heads=4):
+    """-> (T5 encoder, caption tokenizer, trainable?). spec "tiny": a small T5 built from a config over the word-level
+    vocabulary `vocab_json` (prepare.py's tokenizer.json), trained jointly; otherwise a local flan-t5 folder, frozen."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    if spec != "tiny":
+        if not os.path.isdir(spec):
+            raise UserError(f"--text_encoder={spec!r}: not a local T5 folder (e.g. weights/flan-t5-xl)")
+        t5 = T5EncoderModel.from_pretrained(spec, local_files_only=True)
+        captions = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        return t5.eval().requires_grad_(False), captions, False
+    from tokenizers import Tokenizer
+
+    captions = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(vocab_json), pad_token="<pad>",
+                                       eos_token="</s>", unk_token="<unk>")
+    t5_cfg = T5Config(vocab_size=len(captions), d_model=channels, d_kv=channels // heads, d_ff=2 * channels,
+                      num_layers=layers, num_heads=heads, dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(t5_cfg), captions, True
+
+
+def read_vocab(data_dir):
+    """The caption vocabulary (tokenizer.json) that data/synthfaces/prepare.py writes next to the manifest."""
+    path = os.path.join(data_dir if os.path.isdir(data_dir) else os.path.dirname(data_dir), "tokenizer.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: the tiny text encoder needs the caption vocabulary of prepare.py")
+    with open(path) as f:
+        return f.read()
+
+
+class TextToBits(nn.Module):
+    """The trainable whole for one DDP wrapper: caption tokens -> T5 features -> HEAR bit logits."""
+
+    def __init__(self, text_encoder, hear, train_text):
+        super().__init__()
+        self.text_encoder, self.hear, self.train_text = text_encoder, hear, train_text
+
+    def encode_text(self, input_ids, attention_mask):
+        """(B, T) ids + mask -> zero-padded features (B, T, Ct), lengths (B,)."""
+        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
+            text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return text.float() * attention_mask[..., None], attention_mask.sum(1)
+
+    def forward(self, input_ids, attention_mask, x_BLC_wo_prefix, schedule, rope_grid, face_global, face_hf, drop):
+        text, lens = self.encode_text(input_ids, attention_mask)
+        return self.hear(text, lens, x_BLC_wo_prefix, schedule, rope_grid, face_global, face_hf, drop_cond=drop)
+
+
+def build_hear(cfg, text_channels, d, face_dim, global_dim):
+    """A new HEAR transformer of cfg's sizes, or (init_from=infinity:<path>) the official weights with HEAR's new
+    parameters initialised -> (model, load report or None). cfg: train.py's Config."""
+    hear_cfg = dict(use_global_face=cfg.use_global_face, global_face_dim=global_dim, use_hf_adapter=cfg.use_hf_adapter,
+                    hf_face_dim=face_dim, grad_checkpointing=cfg.grad_checkpointing, drop_path_rate=cfg.drop_path_rate)
+    if cfg.init_from.startswith("infinity:"):
+        return hear_model.load_infinity(cfg.init_from.split(":", 1)[1], **hear_cfg)
+    mcfg = hear_model.ModelConfig(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
+                                  mlp_ratio=cfg.mlp_ratio, codebook_dim=d, text_channels=text_channels,
+                                  text_maxlen=cfg.text_maxlen, **hear_cfg)
+    return hear_model.HEARTransformer(mcfg), None
+
+
+# -----------------------------------------------------------------------------
+# A trained run, for sampling and evaluation
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything sampling needs from one train.py checkpoint."""
+
+    model: TextToBits  # text encoder + HEAR transformer, eval mode
+    captions: object  # caption tokenizer (transformers)
+    vae: tok.BSQVAE  # the frozen generation tokenizer (its decoder turns bits into pixels)
+    face_encoder: tok.BSQVAE  # the frozen high-frequency face encoder
+    global_encoder: nn.Module | None  # CLIP vision tower (real presets) or None (v_g = v[:FT])
+    config: dict  # the train.py config the checkpoint was trained with
+    step: int
+
+
+def load_run(path, device="cpu", use_ema=True):
+    """A train.py checkpoint -> Run on `device` (EMA weights when present and use_ema)."""
+    ckpt = load_checkpoint(path)
+    if "model_config" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a train.py checkpoint (no model_config); pass --ckpt=<out_dir>/ckpt.pt")
+    c = ckpt["config"]
+    text_enc, captions, _ = build_text_encoder(c["text_encoder"], ckpt.get("caption_tokenizer"), c.get("text_channels"),
+                                               c.get("text_layers"), c.get("text_heads"))
+    if isinstance(ckpt.get("text_encoder"), dict):  # trained jointly (tiny); a frozen flan-t5 is read from its folder
+        text_enc.load_state_dict(ckpt["text_encoder"])
+    hear = hear_model.HEARTransformer(hear_model.ModelConfig(**ckpt["model_config"]))
+    hear.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"])
+    vae, face_enc = (load_tokenizer(c[k])[0].to(device) for k in ("tokenizer_ckpt", "face_encoder_ckpt"))
+    return Run(TextToBits(text_enc, hear, False).to(device).eval(), captions, vae, face_enc,
+               fe.build_global_encoder(c.get("global_face", "lowfreq"), device), c, ckpt["step"])
+
+
+def face_conditions(hear, face_enc, global_enc, crops, hf_first_scale):
+    """Reference crops (B, 3, S, S) -> (v_g or None, v_hf or None): the face tokens of the identity paths the
+    transformer was built with (Eq. 3-5)."""
+    v_g, v_hf = fe.face_tokens(face_enc, crops, hf_first_scale, global_enc)
+    return (v_g if hear.cfg.use_global_face else None), (v_hf if hear.cfg.use_hf_adapter else None)
+
+
+@torch.no_grad()
+def generate(run, prompts, crops, generator, cfg_scale=3.0, tau=1.0, top_k=900, top_p=0.97, id_scale=1.0,
+             hf_from_scale=0, negative_prompt="", null_face=False, h_div_w=1.0):
+    """prompts (B str), reference crops (B, 3, S, S) in [-1, 1] -> (images (B, 3, H, W) in [-1, 1], per-scale running
+    sums [(B, d, h, w)] for the Fig. 8 strip). null_face: zero face tokens (the null condition of CFG training), i.e.
+    the prompt alone."""
+    c, model, device = run.config, run.model, crops.device
+    ids = run.captions(prompts, padding=True, truncation=True, max_length=c["text_maxlen"], return_tensors="pt")
+    text, lens = model.encode_text(ids["input_ids"].to(device), ids["attention_mask"].to(device))
+    neg_text = neg_lens = None
+    if negative_prompt:
+        neg = run.captions([negative_prompt] * len(prompts), padding=True, truncation=True,
+                           max_length=c["text_maxlen"], return_tensors="pt")
+        neg_text, neg_lens = model.encode_text(neg["input_ids"].to(device), neg["attention_mask"].to(device))
+    template = tok.nearest_template(h_div_w) if c["pn"] else 1.0
+    _, schedule, grid = geometry(c["pn"], c["image_size"], template, run.vae.cfg.patch_size)
+    v_g, v_hf = face_conditions(model.hear, run.face_encoder, run.global_encoder, crops, c["hf_first_scale"])
+    if null_face:
+        v_g, v_hf = (None if v is None else torch.zeros_like(v) for v in (v_g, v_hf))
+    out = model.hear.generate(text, lens, schedule, grid, cfg_scale=cfg_scale, tau=tau, top_k=top_k, top_p=top_p,
+                              generator=generator, negative_text=neg_text, negative_lens=neg_lens, face_global=v_g,
+                              face_hf=v_hf, id_scale=id_scale, hf_from_scale=hf_from_scale)
+    return run.vae.decode(out["latent"]), out["per_scale"]
