@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import face_detect
 from common import UserError, cli, log, resolve_device, save_config
 from data import curation as cu
 from data import vlm_prompts as vp
@@ -96,7 +97,7 @@ class Config:
 PRESETS = {"default": {}}
 STAGES = ("scan", "dedup", "detect", "vlm_filter", "recaption", "synth", "identities", "balance", "export")
 MAP_STAGES = ("scan", "dedup", "detect", "vlm_filter", "recaption", "refine", "synth")  # per-item stage files
-SAME_PERSON = {"insightface": 0.4, "dlib": 0.9}  # cosine; dlib's d < 0.6 on raw descriptors ~ 0.9 (face_encoder)
+SAME_PERSON = {"insightface": 0.4, "dlib": 0.9}  # cosine; dlib's d < 0.6 on raw descriptors ~ 0.9 (face_detect)
 SYNTH = "synthetic"
 
 
@@ -201,10 +202,8 @@ def file_work(cfg, run, stage):
 def detect_work(cfg, run, stage):
     """Batch of items -> detect records: the face kept, or why none is (score and size rules, several faces)."""
     if run.face is None and cfg.face_detector != "none":
-        import face_encoder
-
-        run.face = face_encoder.make_face_detector(kind=cfg.face_detector, pack=cfg.face_pack, root=cfg.face_root,
-                                                   det_thresh=cfg.det_thresh, device=run.device, log=print)
+        run.face = face_detect.make_face_detector(kind=cfg.face_detector, pack=cfg.face_pack, root=cfg.face_root,
+                                                  det_thresh=cfg.det_thresh, device=run.device, log=print)
     whole = {"kps": None, "score": 1.0, "embedding": None}  # --face_detector=none: the image is the face
 
     def one(item, img, s):
