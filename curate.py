@@ -30,6 +30,7 @@ through these files (detect waits for every shard's dedup, shard 0 for all befor
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -72,7 +73,7 @@ class Config:
     min_face_frac: float = 0.1  # faces with sqrt(box area) < this x the shorter image side are ignored (too small)
     multi_face: str = "drop"  # several faces that count: drop the image, or keep the largest
     # vision-language model (vlm_filter, recaption; also the refiner when refiner_model is empty)
-    vlm_model: str = ""  # local transformers folder (Qwen/Qwen2.5-VL-32B-Instruct in the paper)
+    vlm_model: str = "models/Qwen2.5-VL-32B-Instruct"  # local transformers folder of the VLM (the paper's)
     vlm_batch: int = 8  # images per generate() call
     vlm_max_side: int = 1024  # images are shrunk to this longer side before the VLM's own processor
     max_new_tokens: int = 256  # answer length limit
@@ -260,7 +261,8 @@ def load_model(cfg, run, kind):
 
         proc = (tf.AutoProcessor if kind == "vlm" else tf.AutoTokenizer).from_pretrained(path, local_files_only=True)
         auto = tf.AutoModelForImageTextToText if kind == "vlm" else tf.AutoModelForCausalLM
-        placed = {"device_map": run.device} if run.device.startswith("cuda") else {}  # no 32B copy in host RAM
+        gpu = run.device.startswith("cuda") and importlib.util.find_spec("accelerate")  # loads straight to the GPU
+        placed = {"device_map": run.device} if gpu else {}  # (else a 32B model passes through host memory)
         obj = (auto.from_pretrained(path, local_files_only=True, dtype=dtype, **placed).to(run.device).eval(), proc)
         getattr(proc, "tokenizer", proc).padding_side = "left"  # new tokens are appended on the right
     run.model = ((kind, path), obj)
