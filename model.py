@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from common import CheckpointMismatchError, read_state_dict  # noqa: F401 (CheckpointMismatchError: re-exported)
+from checkpoint import CheckpointMismatchError, read_state_dict  # noqa: F401 (the error is re-exported)
 from tokenizer import add_scale, token_offsets
 
 try:  # FlexAttention (torch >= 2.5) runs the block-causal mask tile by tile instead of as an L x L tensor

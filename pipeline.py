@@ -22,7 +22,8 @@ from torch import nn
 import face_encoder as fe
 import model as hear_model
 import tokenizer as tok
-from common import UserError, load_checkpoint
+from checkpoint import load_checkpoint
+from common import UserError
 from data.manifest import geometry
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import CheckpointMismatchError, read_state_dict
+from checkpoint import CheckpointMismatchError, read_state_dict
 
 # -----------------------------------------------------------------------------
 # Scale schedules (official table of infinity/utils/dynamic_resolution.py)

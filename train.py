@@ -26,8 +26,9 @@ from tqdm import tqdm
 import face_encoder as fe
 import model as hear_model
 import tokenizer as tok
-from common import (UserError, autocast, cli, load_checkpoint, log, lr_schedule, peak_flops, rng_state, run_info,
-                    save_checkpoint, save_config, seeded_generator, set_rng_state, setup_device)
+from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common import (UserError, autocast, cli, log, lr_schedule, peak_flops, run_info, save_config, seeded_generator,
+                    setup_device)
 from data.manifest import (aspect_buckets, epoch_batches, geometry, identity_pools, load_example, load_face_crop,
                            pick_references, read_manifest)
 from pipeline import TextToBits, build_hear, build_text_encoder, face_conditions, load_tokenizer, read_vocab

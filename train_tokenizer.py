@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 import face_encoder as fe
 import tokenizer as tok
-from common import (UserError, autocast, cli, log, lr_schedule, rng_state, run_info, save_checkpoint,
-                    save_config, set_rng_state, setup_device)
+from checkpoint import rng_state, save_checkpoint, set_rng_state
+from common import UserError, autocast, cli, log, lr_schedule, run_info, save_config, setup_device
 from data.manifest import epoch_batches, load_example, read_manifest
 from metrics import evaluate_tokenizer
 from pipeline import load_tokenizer

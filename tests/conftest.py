@@ -133,7 +133,7 @@ def write_tokenizer_ckpt(path, codebook_dim=8, seed=0):
     import dataclasses
 
     import tokenizer as tok
-    from common import save_checkpoint
+    from checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     cfg = tok.TokenizerConfig(base_ch=32, ch_mult=(1, 1), num_res_blocks=1, codebook_dim=codebook_dim, patch_size=2)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import train
-from common import UserError, load_checkpoint, parse_config
+from common import UserError, parse_config
+from checkpoint import load_checkpoint
 from common import setup_device
 from conftest import max_diff, parity_bar
 from data.manifest import epoch_batches, load_image, pick_references, read_manifest

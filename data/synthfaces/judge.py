@@ -45,7 +45,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import face_detect as fd
-from common import UserError, cli, config_dict, load_checkpoint, log, lr_schedule, resolve_device, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from common import UserError, cli, config_dict, log, lr_schedule, resolve_device
 from data.manifest import read_manifest
 from data.synthfaces.captions import ATTRIBUTES
 
