@@ -1,7 +1,7 @@
 """
 The metrics of the paper's tables, shared by eval.py (the tables) and train_tokenizer.py (its held-out check).
 
-  tokenizers (Table 2 / 4): MSE on the 0-255 scale, PSNR, SSIM, PSNR inside the face box (Eq. 2 region), and on
+  tokenizers (Table 2 / 4): MSE on the 0-255 scale, PSNR, SSIM, PSNR inside the face box (Eq. (2) region), and on
                             synthfaces the identity similarity of reconstruction and original
   generation (Table 1 / 3, synthfaces): FaceSim against the reference, identity top-1 retrieval, prompt adherence,
                             all through the synthfaces judge's *evaluator* networks (never the identity net the

@@ -2,7 +2,7 @@
 The assembled HEAR system, shared by train.py, sample.py, eval.py and bench.py:
 
   caption   --caption tokenizer--> ids --T5 encoder--> text features ---------------\
-  reference face crop --face encoder--> face tokens (v_g, v_hf; Eq. 3-5) ------------+--> HEAR transformer --> bits
+  reference face crop --face encoder--> face tokens (v_g, v_hf; Eq. (3)-(5)) ------------+--> HEAR transformer --> bits
   bits --add_scale (Eq. 12)--> summed codes --frozen tokenizer's decoder--> image <-----------------------------/
 
   load_tokenizer(spec)     a frozen BSQ-VAE: a train_tokenizer.py checkpoint or infinity:<official .pth>
@@ -135,7 +135,7 @@ def load_run(path, device="cpu", use_ema=True):
 
 def face_conditions(hear, face_enc, global_enc, crops, hf_first_scale):
     """Reference crops (B, 3, S, S) -> (v_g or None, v_hf or None): the face tokens of the identity paths the
-    transformer was built with (Eq. 3-5)."""
+    transformer was built with (Eq. (3)-(5))."""
     v_g, v_hf = fe.face_tokens(face_enc, crops, hf_first_scale, global_enc)
     return (v_g if hear.cfg.use_global_face else None), (v_hf if hear.cfg.use_hf_adapter else None)
 

@@ -2,8 +2,8 @@
 The bitwise multi-scale tokenizer of Infinity: BSQ-VAE + multi-scale residual BSQ quantizer.
 
 Contents, top to bottom: scale schedules; resampling and bit <-> code conversions; the multi-scale residual BSQ
-quantizer (Eq. 9-10) with its training regularisers; bitwise self-correction (Eq. 11-12); the conv encoder/decoder
-in the official module layout; `load_infinity_vae()` for the released checkpoints.
+quantizer (Eq. (9)-(10)) with its training regularisers; bitwise self-correction (Eq. (11)-(12)); the conv
+encoder/decoder in the official module layout; `load_infinity_vae()` for the released checkpoints.
 
 References:
   [Infinity] Han et al., "Infinity: Scaling Bitwise AutoRegressive Modeling for High-Resolution Image Synthesis",
@@ -136,7 +136,8 @@ def add_scale(summed, bits, schedule, k):
 def bits_to_index(bits):
     """Eq. (10) [HEAR]: bits (..., d) -> index (...,) int64 = sum_p b_p 2^p. For d = 64 this is the two's-complement
     int64 view of the unsigned index (bit 63 is the sign bit); index_to_bits undoes it exactly.
-    NOTE: the official (unused) int_label mask is MSB-first (2^(d-1) for channel 0); we follow the paper's Eq. (10)."""
+    NOTE: differs from the official code, whose (unused) int_label mask is MSB-first (2^(d-1) for channel 0): we
+    follow the paper's Eq. (10), channel p weighted 2^p. Nothing depends on the order: the classifier is bitwise."""
     d = bits.shape[-1]
     if d > 64:
         raise ValueError(f"bits_to_index supports d <= 64 (int64), got d={d}")
@@ -157,7 +158,7 @@ def bits_to_sequence(bits_list):
 
 
 # -----------------------------------------------------------------------------
-# Multi-scale residual BSQ (Eq. 9-10 [HEAR] App. A; MultiScaleBSQ + BSQ of [Infinity])
+# Multi-scale residual BSQ (Eq. (9)-(10) [HEAR] App. A; MultiScaleBSQ + BSQ of [Infinity])
 
 
 def bsq_quantize(r):
@@ -236,7 +237,7 @@ def bsq_aux_loss(inputs, commit_weight=0.25, entropy_weight=0.1):
 
 
 # -----------------------------------------------------------------------------
-# Bitwise self-correction (Eq. 11-12 [HEAR]; BitwiseSelfCorrection.flip_requant of [Infinity])
+# Bitwise self-correction (Eq. (11)-(12) [HEAR]; BitwiseSelfCorrection.flip_requant of [Infinity])
 
 
 def flip_bits(bits, p, generator=None):

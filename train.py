@@ -6,9 +6,9 @@ Train HEAR (or plain Infinity-style text-to-image) with bitwise self-correction.
   DDP (CPU, gloo):   torchrun --standalone --nproc_per_node=2 train.py --preset=synthfaces --device=cpu
   paper recipe:      torchrun --standalone --nproc_per_node=8 train.py --preset=infinity_2b --data_dir=data/faces
 
-One step: the targets' frozen tokenizer latents -> bitwise self-correction (Eq. 11-12) -> teacher-forced next-scale
-logits (Eq. 8) conditioned on the caption (short or long, p = 0.5), the reference face's global tokens (Eq. 3-4) and
-high-frequency tokens (Eq. 5-7) -> bitwise cross-entropy. Text and face are dropped together with p = 0.1 for CFG.
+One step: the targets' frozen tokenizer latents -> bitwise self-correction (Eq. (11)-(12)) -> teacher-forced next-scale
+logits (Eq. 8) conditioned on the caption (short or long, p = 0.5), the reference face's global tokens (Eq. (3)-(4)) and
+high-frequency tokens (Eq. (5)-(7)) -> bitwise cross-entropy. Text and face are dropped together with p = 0.1 for CFG.
 The data (manifest format, images, batches, reference choice) is in data/manifest.py; the assembled model in
 pipeline.py.
 """

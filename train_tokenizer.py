@@ -2,7 +2,7 @@
 Train the BSQ-VAE tokenizer, or fine-tune a copy of it into HEAR's high-frequency face encoder (paper section 3.2).
 
   from scratch (CPU, synthfaces):  python train_tokenizer.py --preset=synthfaces
-  face encoder (Eq. 1-2):          python train_tokenizer.py --preset=synthfaces_face
+  face encoder (Eq. (1)-(2)):          python train_tokenizer.py --preset=synthfaces_face
   official VAE -> face encoder:    torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset=infinity_face \
                                      --init_from=infinity:weights/infinity_vae_d32reg.pth --data_dir=data/faces
   resume any run:                  python train_tokenizer.py --preset=... --init_from=resume
