@@ -295,7 +295,7 @@ def face_tokens(face_encoder, crops, hf_first_scale, global_encoder=None):
     with torch.autocast(crops.device.type, enabled=False):
         bits = face_encoder.quantize(face_encoder.encode(crops.float()), schedule)["bits"]  # K x (B, h_k, w_k, d)
         v_g = None if global_encoder is None else global_encoder(crops.float())
-    # tokens from the bits (exact +-1/sqrt(d) values, as decoding sees them), not the straight-through forward value,
+    # parity: tokens from the bits (exact +-1/sqrt(d) values, as decoding sees them), not the straight-through value,
     # whose last ulp depends on the batch the crop was encoded in
     v = tok.bits_to_sequence(bits)  # (B, L_face, d)
     ft = hf_split(schedule, hf_first_scale)
