@@ -6,6 +6,8 @@ Evaluation on held-out identities (the "test" split; never seen in training). On
   generation  (Table 1/3 style, synthfaces): FaceSim, identity retrieval, prompt adherence, seconds per image, with
               the null-face control and the real-image bounds (also through the tokenizer: its ceiling):
                 python eval.py --what=generation --ckpt=out/hear/ckpt.pt
+  gallery     pictures of held-out identities: reference crop | one sample per prompt, and the Fig. 8 strip:
+                python eval.py --what=gallery --ckpt=out/hear/ckpt.pt --out=out/gallery.png
   curves      train.py's metrics.jsonl -> loss and bit-accuracy curves PNG:
                 python eval.py --what=curves --metrics=out/hear/metrics.jsonl --out=curves.png
 
@@ -28,7 +30,7 @@ from pipeline import generate, load_run, load_tokenizer
 @dataclasses.dataclass
 class Config:
     preset: str = "synthfaces"  # preset name
-    what: str = "tokenizer"  # tokenizer | generation | curves
+    what: str = "tokenizer"  # tokenizer | generation | gallery | curves
     data_dir: str = "data/synthfaces/out"  # manifest folder; the "test" split (held-out identities) is used
     judge: str = "data/synthfaces/out/judge.pt"  # the synthfaces judge ("" = no identity column for tokenizers)
     device: str = "auto"  # auto | cpu | cuda
@@ -44,6 +46,12 @@ class Config:
     guidance: float = 3.0  # CFG scale
     id_scale: float = 1.0  # lambda of Eq. (7)
     seed: int = 0  # sampling seed
+    # gallery
+    gallery_ids: int = 4  # held-out identities (rows)
+    gallery_prompts: tuple = ("photo of a smiling person in a red shirt with a blue hat, large face in the center, "
+                              "even light, yellow background",
+                              "pencil sketch of a surprised person in a white shirt with no accessories, medium face "
+                              "on the left, lit from the right, teal background")  # one column each
     # curves
     metrics: str = "out/hear/metrics.jsonl"  # train.py's metrics.jsonl
 
@@ -185,12 +193,42 @@ def eval_generation(cfg, device):
     return write_table("\n".join(table), cfg)
 
 
+@torch.no_grad()
+def eval_gallery(cfg, device):
+    """Rows: the first gallery_ids held-out identities; columns: the reference crop, then one sample per prompt (all
+    2x nearest-upscaled). Also <out stem>_scales.png: the running sum of the first k scales decoded, k = 1..K, for
+    the first row and prompt (Fig. 8)."""
+    import torchvision
+
+    run = load_run(cfg.ckpt, device)
+    _, _, refs = held_out_identities(cfg, run.config["face_size"], device)
+    refs, n_prompts = refs[: cfg.gallery_ids], len(cfg.gallery_prompts)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    crops = refs.repeat_interleave(n_prompts, 0)  # (N * P, 3, S, S): each identity once per prompt
+    images, per_scale = generate(run, list(cfg.gallery_prompts) * len(refs), crops, gen, cfg.guidance,
+                                 id_scale=cfg.id_scale)
+    size = images.shape[-1]
+    refs = torch.nn.functional.interpolate(refs, size=(size, size), mode="bilinear", antialias=True)
+    grid = torch.cat([refs[:, None], images.view(len(refs), n_prompts, *images.shape[1:])], 1).flatten(0, 1)
+    path = cfg.out or "gallery.png"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    up = torch.nn.functional.interpolate(grid.add(1).div(2).clamp(0, 1), scale_factor=2, mode="nearest")
+    torchvision.utils.save_image(up, path, nrow=1 + n_prompts, padding=2, pad_value=1.0)
+    strip = torch.cat([run.vae.decode(z[:1]) for z in per_scale]).add(1).div(2)
+    strip_path = os.path.splitext(path)[0] + "_scales.png"
+    torchvision.utils.save_image(torch.nn.functional.interpolate(strip, scale_factor=2, mode="nearest"), strip_path,
+                                 nrow=len(per_scale), padding=2, pad_value=1.0)
+    log(f"wrote {path} (rows: {len(refs)} held-out identities; columns: reference, then {n_prompts} prompts) and "
+        f"{strip_path} (scales 1..{len(per_scale)} of row 1, prompt 1)")
+    return path, strip_path
+
+
 def main(cfg):
     if cfg.what == "curves":
         return log(f"wrote {plot_curves(cfg.metrics, cfg.out or 'curves.png')}")
-    modes = {"tokenizer": eval_tokenizers, "generation": eval_generation}
+    modes = {"tokenizer": eval_tokenizers, "generation": eval_generation, "gallery": eval_gallery}
     if cfg.what not in modes:
-        raise UserError(f"--what={cfg.what!r}: choose tokenizer, generation or curves")
+        raise UserError(f"--what={cfg.what!r}: choose tokenizer, generation, gallery or curves")
     device = setup_device(cfg.device).device
     log(run_info(device))
     return modes[cfg.what](cfg, device)
