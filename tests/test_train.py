@@ -147,3 +147,15 @@ def test_hf_first_scale_without_high_frequency_tokens_is_a_config_error(tiny_run
 
     with pytest.raises(FaceError, match="hf_first_scale=5 leaves no high-frequency face tokens"):
         run(args(tiny_run, str(tmp_path / "r"), "--hf_first_scale=5"))  # 16 px crop, patch 2: 5 scales
+
+
+def test_self_ref_prob_mixes_own_face_and_another_image_of_the_person():
+    """pick_references: u < self_prob gives the target itself; above it, u is rescaled to an index into the pool, so
+    self_prob=0 is the plain pool draw and every pool member stays reachable for any self_prob < 1."""
+    records = [{"identity": "a"}] * 4 + [{"identity": "b"}] * 2
+    pools = {"a": [0, 1, 2, 3], "b": [4, 5]}
+    u = torch.tensor([0.1, 0.1, 0.3, 0.99, 0.6, 0.0])
+    assert pick_references(records, pools, [3, 4, 0, 1, 5, 2], u) == [0, 4, 1, 3, 5, 0]
+    assert pick_references(records, pools, [3, 4, 0, 1, 5, 2], u, self_prob=1.0) == [3, 4, 0, 1, 5, 2]
+    # self_prob 0.2: u 0.1 -> self; u 0.3 -> (0.1/0.8) of the pool -> index 0; u 0.99 -> last; u 0.6 -> 0.5 -> second of b
+    assert pick_references(records, pools, [3, 4, 0, 1, 5, 2], u, self_prob=0.2) == [3, 4, 0, 3, 5, 2]
