@@ -157,5 +157,5 @@ def test_self_ref_prob_mixes_own_face_and_another_image_of_the_person():
     u = torch.tensor([0.1, 0.1, 0.3, 0.99, 0.6, 0.0])
     assert pick_references(records, pools, [3, 4, 0, 1, 5, 2], u) == [0, 4, 1, 3, 5, 0]
     assert pick_references(records, pools, [3, 4, 0, 1, 5, 2], u, self_prob=1.0) == [3, 4, 0, 1, 5, 2]
-    # self_prob 0.2: u 0.1 -> self; u 0.3 -> (0.1/0.8) of the pool -> index 0; u 0.99 -> last; u 0.6 -> 0.5 -> second of b
+    # self_prob 0.2: u 0.1 -> self; u 0.3 -> (0.1/0.8) of the pool -> index 0; u 0.99 -> last; u 0.6 -> 0.5 -> b[1]
     assert pick_references(records, pools, [3, 4, 0, 1, 5, 2], u, self_prob=0.2) == [3, 4, 0, 3, 5, 2]
