@@ -204,7 +204,11 @@ def eval_photos(cfg, device):
 
     if not os.path.isfile(cfg.prompts):
         raise UserError(f"--prompts={cfg.prompts} not found: a UTF-8 text file with one prompt per line")
-    prompts = [s.strip() for s in open(cfg.prompts, encoding="utf-8") if s.strip() and not s.startswith("#")]
+    prompts = [s.strip() for s in open(cfg.prompts, encoding="utf-8") if s.strip() and s.strip()[0] != "#"]
+    if not prompts:
+        raise UserError(f"--prompts={cfg.prompts} holds no prompt (one per line)")
+    if cfg.face_detector == "none":
+        raise UserError("--face_detector=none: FaceSim needs a face backend (auto, insightface or dlib)")
     (clip, clip_tokenizer), dino = mt.load_clip(cfg.clip_model, device), mt.load_dino(cfg.dino_model, device)
     detector = fd.make_face_detector(cfg.face_detector, cfg.face_model_pack, device=device, log=log)
     run, paths = load_run(cfg.ckpt, device), face_paths(cfg.faces)

@@ -4,6 +4,8 @@ and the real presets' path (aspect templates, face crop of the template's size, 
 The photo is read from the installed scikit-image package and written to tmp_path, never stored in the repo."""
 
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ import eval as hear_eval
 import face_detect as fd
 import sample
 import train
-from common import parse_config
+from common import UserError, parse_config
 from pipeline import face_conditions, generate, load_run
 
 FACE = (183, 75, 270, 173)  # astronaut(): hairline to chin, cheek to cheek, measured by eye (tests/test_face_backends)
@@ -137,6 +139,10 @@ def test_eval_photos_table(tiny, tmp_path):
     assert face_sim == 0 and cells[4] == "100.0%" and float(cells[5]) > 0
     assert all(-100 <= v <= 100 for v in (clip_t, clip_i, dino))
     assert open(tmp_path / "t.md").read().strip() == table
+    with pytest.raises(UserError, match="--clip_model=.* of openai/clip-vit-large-patch14 there"):
+        hear_eval.main(dataclasses.replace(cfg, clip_model=str(tmp_path / "absent")))
+    with pytest.raises(UserError, match="FaceSim needs a face backend"):
+        hear_eval.main(dataclasses.replace(cfg, face_detector="none"))
 
 
 def test_real_preset_layout(tiny, tmp_path):
