@@ -8,6 +8,9 @@ Evaluation on held-out identities (the "test" split; never seen in training). On
                 python eval.py --what=generation --ckpt=out/hear/ckpt.pt
   gallery     pictures of held-out identities: reference crop | one sample per prompt, and the Fig. 8 strip:
                 python eval.py --what=gallery --ckpt=out/hear/ckpt.pt --out=out/gallery.png
+  photos      (Table 1, real photos): CLIP-T, CLIP-I, DINO, FaceSim, no-face rate, seconds per image, for every
+              reference photo in --faces (one person each) x every prompt of --prompts:
+                python eval.py --what=photos --ckpt=out/hear_2b/ckpt.pt --faces=data/eval_faces --prompts=prompts.txt
   curves      train.py's metrics.jsonl -> loss and bit-accuracy curves PNG:
                 python eval.py --what=curves --metrics=out/hear/metrics.jsonl --out=curves.png
 
@@ -24,13 +27,13 @@ import torch
 from common import UserError, cli, log, run_info, setup_device
 from data.manifest import load_image, read_manifest
 from metrics import evaluate_tokenizer, judge_scores, summarize
-from pipeline import generate, load_run, load_tokenizer
+from pipeline import face_paths, generate, load_run, load_tokenizer, reference_crops
 
 
 @dataclasses.dataclass
 class Config:
     preset: str = "synthfaces"  # preset name
-    what: str = "tokenizer"  # tokenizer | generation | gallery | curves
+    what: str = "tokenizer"  # tokenizer | generation | gallery | photos | curves
     data_dir: str = "data/synthfaces/out"  # manifest folder; the "test" split (held-out identities) is used
     judge: str = "data/synthfaces/out/judge.pt"  # the synthfaces judge ("" = no identity column for tokenizers)
     device: str = "auto"  # auto | cpu | cuda
@@ -52,6 +55,13 @@ class Config:
                               "even light, yellow background",
                               "pencil sketch of a surprised person in a white shirt with no accessories, medium face "
                               "on the left, lit from the right, teal background")  # one column each
+    # photos (Table 1 on real photos; also uses ckpt, guidance, id_scale, seed)
+    faces: str = "data/eval_faces"  # reference photos, one person each: a folder or comma-separated files
+    prompts: str = "data/eval_prompts.txt"  # prompts, UTF-8, one per line (blank lines and # comments skipped)
+    clip_model: str = "weights/clip-vit-large-patch14"  # local transformers CLIP folder (CLIP-T, CLIP-I)
+    dino_model: str = "weights/dino-vits16"  # local transformers DINO v1 ViT-S/16 folder (DINO)
+    face_detector: str = "auto"  # FaceSim and reference crops: auto (InsightFace pack if present, else dlib) | dlib
+    face_model_pack: str = "antelopev2"  # InsightFace pack in ~/.insightface/models (antelopev2 or buffalo_l)
     # curves
     metrics: str = "out/hear/metrics.jsonl"  # train.py's metrics.jsonl
 
@@ -244,12 +254,57 @@ def eval_gallery(cfg, device):
     return path, strip_path
 
 
+@torch.no_grad()
+def eval_photos(cfg, device):
+    """Table 1 on real photos: one image per (reference photo, prompt) pair at batch 1, seed + pair index, from the
+    photo's detected, cropped face; scored against the whole photo (CLIP-I, DINO) and its face (FaceSim)."""
+    import face_detect as fd
+    import metrics as mt
+
+    if not os.path.isfile(cfg.prompts):
+        raise UserError(f"--prompts={cfg.prompts} not found: a UTF-8 text file with one prompt per line")
+    prompts = [s.strip() for s in open(cfg.prompts, encoding="utf-8") if s.strip() and s.strip()[0] != "#"]
+    if not prompts:
+        raise UserError(f"--prompts={cfg.prompts} holds no prompt (one per line)")
+    if cfg.face_detector == "none":
+        raise UserError("--face_detector=none: FaceSim needs a face backend (auto, insightface or dlib)")
+    (clip, clip_tokenizer), dino = mt.load_clip(cfg.clip_model, device), mt.load_dino(cfg.dino_model, device)
+    detector = fd.make_face_detector(cfg.face_detector, cfg.face_model_pack, device=device, log=log)
+    run, paths = load_run(cfg.ckpt, device), face_paths(cfg.faces)
+    crops, faces = reference_crops(paths, detector, run.config["face_size"], run.config.get("crop_scale", 1.4))
+    pairs = [(n, p) for n in range(len(paths)) for p in prompts]
+
+    def image(k):
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + k)
+        crop = crops[pairs[k][0]][None].to(device)
+        return generate(run, [pairs[k][1]], crop, gen, cfg.guidance, id_scale=cfg.id_scale)[0].cpu()  # (1, 3, H, W)
+
+    image(0)  # warm-up, not timed
+    t = time.time()
+    images = torch.cat([image(k) for k in range(len(pairs))])  # (N M, 3, H, W)
+    seconds = (time.time() - t) / len(pairs)
+    refs = [load_image(paths[n]) for n, _ in pairs]
+    face, found = mt.face_sim(detector, images, [faces[n]["embedding"] for n, _ in pairs])
+    scores = [mt.clip_t(clip, clip_tokenizer, images, [p for _, p in pairs]), mt.clip_i(clip, images, refs),
+              mt.dino_score(dino, images, refs), face]
+    row = " | ".join(f"{float(s.mean()):.2f}" for s in scores)
+    table = [f"| model | CLIP-T | CLIP-I | DINO | FaceSim ({detector.name}) | no face | s / image |", "|---" * 7 + "|",
+             f"| {cfg.ckpt} (step {run.step}) | {row} | {1 - float(found.float().mean()):.1%} | {seconds:.3f} |",
+             f"\n{len(paths)} reference photos x {len(prompts)} prompts, one image each (seed {cfg.seed} + pair "
+             f"index, cfg {cfg.guidance}, id_scale {cfg.id_scale}). Cosines x100: CLIP {cfg.clip_model}, DINO "
+             f"{cfg.dino_model}, FaceSim = {detector.name} identity embedding of the largest face, 0 without one "
+             "(dlib and InsightFace FaceSim are not comparable). Speed: seconds per image at batch 1 after one "
+             f"warm-up image on {device}: prompt encoding, face tokens, sampling, decoding (not detection, metrics)."]
+    return write_table("\n".join(table), cfg)
+
+
 def main(cfg):
     if cfg.what == "curves":
         return log(f"wrote {plot_curves(cfg.metrics, cfg.out or 'curves.png')}")
-    modes = {"tokenizer": eval_tokenizers, "generation": eval_generation, "gallery": eval_gallery}
+    modes = {"tokenizer": eval_tokenizers, "generation": eval_generation, "gallery": eval_gallery,
+             "photos": eval_photos}
     if cfg.what not in modes:
-        raise UserError(f"--what={cfg.what!r}: choose tokenizer, generation, gallery or curves")
+        raise UserError(f"--what={cfg.what!r}: choose tokenizer, generation, gallery, photos or curves")
     device = setup_device(cfg.device).device
     log(run_info(device))
     return modes[cfg.what](cfg, device)
