@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,3 +160,18 @@ def test_self_ref_prob_mixes_own_face_and_another_image_of_the_person():
     assert pick_references(records, pools, [3, 4, 0, 1, 5, 2], u, self_prob=1.0) == [3, 4, 0, 1, 5, 2]
     # self_prob 0.2: u 0.1 -> self; u 0.3 -> (0.1/0.8) of the pool -> index 0; u 0.99 -> last; u 0.6 -> 0.5 -> b[1]
     assert pick_references(records, pools, [3, 4, 0, 1, 5, 2], u, self_prob=0.2) == [3, 4, 0, 3, 5, 2]
+
+
+def test_reference_crop_is_cut_from_the_references_own_image(tmp_path):
+    """A reference without crop_path is cut from its own image at its own size (face_box is in its pixels), not from
+    the image resized to the target's bucket: a red face square in a 32 x 64 white image gives an all-red crop."""
+    from PIL import Image
+
+    from data.manifest import load_face_crop
+
+    img = np.full((64, 32, 3), 255, np.uint8)  # (H, W, 3), portrait
+    img[40:56, 8:24] = (255, 0, 0)  # face box x0, y0, x1, y1 = 8, 40, 24, 56
+    Image.fromarray(img).save(tmp_path / "p.png")
+    crop = load_face_crop({"path": str(tmp_path / "p.png"), "face_box": [8, 40, 24, 56]}, 16, crop_scale=1.0)
+    assert crop.shape == (3, 16, 16)
+    assert crop[0].min() > 0.9 and crop[1:].max() < -0.9  # red everywhere: box and crop coincide
