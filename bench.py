@@ -1,19 +1,18 @@
 """
 Speed, peak memory and MFU at the sizes of a preset, random weights and inputs (a benchmark, not a test).
 
-  python bench.py --preset=synthfaces                                  # CPU: every stage at the quick-start sizes
-  python bench.py --preset=synthfaces --what=tokenizer --channels_last=True --profile=True
+  python bench.py --preset=synthfaces --threads=1                      # CPU: every stage at the quick-start sizes
+  python bench.py --preset=synthfaces --what=tokenizer --compile=True --profile=True
   python bench.py --preset=infinity_2b --what=train --pn=0.06M --batch_size=32  # GPU: Infinity-2B + HEAR, 256 px
   bash tests/gpu/run.sh                                                # the whole GPU check (one H100 / H200)
 
-One JSON line per stage (--what) with its peak memory (CPU: peak RSS; CUDA: max_memory_allocated) and load average.
-train: transformer step. tokenizer: BSQ-VAE step (train_tokenizer's synthfaces loss), then encode / decode img/s.
-sample: KV-cached sampling with CFG: text encoding (random T5 of --t5_layers), generation, decoding. recompute: the
-KV cache vs rerunning the prefix at every scale, cfg 1 both; the ratio's token-count limit is sum(prefix lengths) / L.
-MFU: model FLOP/s over the bf16 peak, or on CPU (cpu_mfu) over a 2048^2 fp32 matmul timed in this process at the
-same thread count. Transformer: estimate_flops_per_token (mfu_with_kv adds the text and face K/V projections).
-Tokenizer: the convolutions' FLOPs as FlopCounterMode counts one step (norms, swish, quantizer, loss, AdamW left out).
---profile prints the top 15 ops by self time (its figures include the profiler's overhead).
+One JSON line per stage (--what), with its peak memory (CPU: peak RSS; CUDA: max_memory_allocated) and load average.
+train: transformer step. tokenizer: BSQ-VAE step (train_tokenizer's synthfaces loss), encode / decode img/s. sample:
+KV-cached CFG sampling, split into text encoding (a random T5 of --t5_layers), generation and decoding. recompute: KV
+cache vs rerunning the prefix at every scale, cfg 1 both; the ratio's token-count limit is sum(prefix lengths) / L.
+MFU: model FLOP/s over the bf16 peak; on CPU (cpu_mfu) over a 2048^2 fp32 matmul timed in-process at the same thread
+count. Transformer: estimate_flops_per_token (mfu_with_kv adds the text / face K/V projections). Tokenizer: the
+convolutions as FlopCounterMode counts one step (norms, swish, quantizer, loss, AdamW left out). --profile: top 15 ops.
 """
 
 import dataclasses
@@ -70,8 +69,9 @@ class Config:
 
 PRESETS = {
     "synthfaces": {},  # the quick-start sizes: transformer depth 4, C 128, batch 32; tokenizer 64 px, batch 16
-    # Infinity-2B + HEAR, official d32 BSQ-VAE, 1024 px face crop (FT 265, v_hf 10256); batch 8 at 1M fits 80 GB
-    "infinity_2b": {"pn": "1M", "batch_size": 8, "tokenizer_batch": 4, "text_len": 64, "face_size": 1024,
+    # Infinity-2B + HEAR, official d32 BSQ-VAE, 1024 px face crop (FT 265, v_hf 10256). Training at 1M, batch 4, grad
+    # checkpointing: ~35 GB weights + grads + AdamW, per image ~2.8 GB of saved block inputs + ~3 GB for one block
+    "infinity_2b": {"pn": "1M", "batch_size": 4, "tokenizer_batch": 4, "text_len": 64, "face_size": 1024,
                     "hf_first_scale": 6, "patch_size": 16, "vae_base_ch": 128, "vae_ch_mult": (1, 2, 4, 4, 4),
                     "vae_res_blocks": 2, "grad_checkpointing": True},
 }
@@ -111,18 +111,20 @@ def timed(fn, cfg, device, label):
 
 
 def utilisation(device, **flops_per_s):
-    """MFU of each named FLOP/s: over the bf16 peak on CUDA (None for an unknown GPU), on CPU ("cpu_" names) over the
-    FLOP/s of 2048 x 2048 fp32 matmuls timed now for >= 0.5 s, at the thread count and load of the stage before."""
+    """MFU of each named FLOP/s (3 digits): over the bf16 peak on CUDA (None for an unknown GPU); on CPU ("cpu_" names)
+    over the FLOP/s of 2048 x 2048 fp32 matmuls timed now for 0.5 s, at the thread count and load of the stage."""
     if device.startswith("cuda"):
-        return {k: round(v / peak_flops(device), 4) if peak_flops(device) else None for k, v in flops_per_s.items()}
-    a = torch.randn(2048, 2048)
-    a @ a  # warm-up
-    reps, t = 0, time.perf_counter()
-    while reps == 0 or time.perf_counter() - t < 0.5:
-        a @ a
-        reps += 1
-    ref = 2 * 2048**3 * reps / (time.perf_counter() - t)
-    return {**{f"cpu_{k}": round(v / ref, 4) for k, v in flops_per_s.items()}, "matmul_gflops": round(ref / 1e9, 1)}
+        ref, extra = peak_flops(device), {}
+    else:
+        a = torch.randn(2048, 2048)
+        a @ a  # warm-up
+        reps, t = 0, time.perf_counter()
+        while reps == 0 or time.perf_counter() - t < 0.5:
+            a @ a
+            reps += 1
+        ref = 2 * 2048**3 * reps / (time.perf_counter() - t)
+        flops_per_s, extra = {f"cpu_{k}": v for k, v in flops_per_s.items()}, {"matmul_gflops": round(ref / 1e9, 1)}
+    return {**{k: float(f"{v / ref:.3g}") if ref else None for k, v in flops_per_s.items()}, **extra}
 
 
 def transformer(cfg, device):

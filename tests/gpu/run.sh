@@ -12,7 +12,7 @@
 #                              fixtures, compiled training step and compiled sampling blocks == eager (mostly compile)
 #   train_256              60  2B + HEAR adapters, 0.06M schedule (256 px, L 521), 10256 face tokens, batch 32,
 #                              grad checkpointing, eager (FlexAttention compiled): tokens/s, MFU, peak memory
-#   train_1024             80  the same at 1M (1024 px, L 10521), batch 8 (fits 80 GB with grad checkpointing)
+#   train_1024             60  the same at 1M (1024 px, L 10521), batch 4 (estimated ~60 GB: fits an 80 GB H100)
 #   sample_1024            45  batch 1, CFG 3, KV cache: T5-XL-sized text encoder, generation, d32 VAE decoding
 #   sample_1024_compiled  150  the same with every block and the VAE compiled (compilation runs in the warm-up)
 set -u
@@ -44,7 +44,7 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 bench=(python bench.py --preset=infinity_2b --device=cuda --out="$results")
 step cuda_tests 240 python -m pytest tests/gpu -q -rs -s
 step train_256 150 "${bench[@]}" --what=train --pn=0.06M --batch_size=32 --warmup=2 --iters=3
-step train_1024 180 "${bench[@]}" --what=train --pn=1M --batch_size=8 --warmup=2 --iters=3
+step train_1024 180 "${bench[@]}" --what=train --pn=1M --batch_size=4 --warmup=2 --iters=3
 step sample_1024 120 "${bench[@]}" --what=sample --pn=1M --batch_size=1 --t5_layers=24 --warmup=1 --iters=3
 step sample_1024_compiled 240 "${bench[@]}" --what=sample --pn=1M --batch_size=1 --t5_layers=24 --warmup=2 \
     --iters=3 --compile=True
