@@ -44,6 +44,7 @@ class Config:
     channels_last: bool = False  # channels_last memory format for the VAE's convolutions
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     profile: bool = False  # print a torch.profiler per-op table of each timed stretch
+    clock: str = "wall"  # wall | cpu: process CPU time (CPU only; with --threads=1 the steadier figure on a busy box)
     batch_size: int = 32  # images per transformer step / sampling call
     tokenizer_batch: int = 16  # images per tokenizer step
     image_size: int = 64  # square size when pn == ""
@@ -91,18 +92,22 @@ def peak_memory(device, reset=False):
         return round(int(re.search(r"VmHWM:\s+(\d+)", f.read())[1]) / 2**20, 2)  # KiB -> GiB
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def timed(fn, cfg, device, label):
     """Mean seconds per call after cfg.warmup untimed calls; with --profile, the per-op table of the timed calls."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    clock = CLOCKS[cfg.clock]
     for _ in range(cfg.warmup):
         fn()
     sync()
     with torch.profiler.profile() if cfg.profile else nullcontext() as prof:
-        t = time.perf_counter()
+        t = clock()
         for _ in range(cfg.iters):
             fn()
         sync()
-        dt = (time.perf_counter() - t) / cfg.iters
+        dt = (clock() - t) / cfg.iters
     if cfg.profile:
         sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         print(f"--- {label}, {cfg.iters} calls, {run_info(device)}")
@@ -110,19 +115,19 @@ def timed(fn, cfg, device, label):
     return dt
 
 
-def utilisation(device, **flops_per_s):
+def utilisation(device, clock, **flops_per_s):
     """MFU of each named FLOP/s (3 digits): over the bf16 peak on CUDA (None for an unknown GPU); on CPU ("cpu_" names)
-    over the FLOP/s of 2048 x 2048 fp32 matmuls timed now for 0.5 s, at the thread count and load of the stage."""
+    over the FLOP/s of 2048 x 2048 fp32 matmuls timed now on `clock` for 0.5 s, at the stage's threads and load."""
     if device.startswith("cuda"):
         ref, extra = peak_flops(device), {}
     else:
         a = torch.randn(2048, 2048)
         a @ a  # warm-up
-        reps, t = 0, time.perf_counter()
-        while reps == 0 or time.perf_counter() - t < 0.5:
+        reps, t = 0, CLOCKS[clock]()
+        while reps == 0 or CLOCKS[clock]() - t < 0.5:
             a @ a
             reps += 1
-        ref = 2 * 2048**3 * reps / (time.perf_counter() - t)
+        ref = 2 * 2048**3 * reps / (CLOCKS[clock]() - t)
         flops_per_s, extra = {f"cpu_{k}": v for k, v in flops_per_s.items()}, {"matmul_gflops": round(ref / 1e9, 1)}
     return {**{k: float(f"{v / ref:.3g}") if ref else None for k, v in flops_per_s.items()}, **extra}
 
@@ -165,7 +170,7 @@ def bench_train(cfg, device, s):
     per_token = net.estimate_flops_per_token(s.schedule, keys, s.n_hf)
     kv = 12 * net.cfg.depth * net.cfg.embed_dim**2 * (keys + s.n_hf)  # per image: K/V projections, fwd + bwd
     return dict(params_M=round(net.num_params() / 1e6, 2), batch=B, tokens_per_image=L, step_s=round(dt, 4),
-                tokens_per_s=round(B * L / dt), **utilisation(device, mfu=per_token * B * L / dt,
+                tokens_per_s=round(B * L / dt), **utilisation(device, cfg.clock, mfu=per_token * B * L / dt,
                                                               mfu_with_kv=(per_token * L + kv) * B / dt))
 
 
@@ -204,7 +209,7 @@ def bench_tokenizer(cfg, device, _):
         z = vae.eval().encode(x)
         enc, dec = timed(lambda: vae.encode(x), cfg, device, "encode"), timed(lambda: vae.decode(z), cfg, device, "dec")
     return dict(batch=B, pixels=f"{H}x{W}", step_s=round(dt, 4), img_per_s=round(B / dt, 1),
-                flops_per_step=flops, **utilisation(device, mfu=flops / dt),
+                flops_per_step=flops, **utilisation(device, cfg.clock, mfu=flops / dt),
                 encode_img_per_s=round(B / enc, 1), decode_img_per_s=round(B / dec, 1))
 
 
@@ -275,6 +280,8 @@ def main(cfg):
     stages = cfg.what.split(",")
     if any(s not in STAGES for s in stages):
         raise UserError(f"--what={cfg.what!r}: choose a comma-separated list of {', '.join(STAGES)}")
+    if cfg.clock not in CLOCKS or (cfg.clock == "cpu" and device != "cpu"):
+        raise UserError(f"--clock={cfg.clock!r}: wall, or cpu (process time) on --device=cpu")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
@@ -285,7 +292,7 @@ def main(cfg):
         load = os.getloadavg()[0]
         r = STAGES[name](cfg, device, None if name == "tokenizer" else model())
         r = {"what": name, "preset": cfg.preset, "device": run_info(device).split("device ")[-1],
-             "compile": cfg.compile, "channels_last": cfg.channels_last, **r}
+             "compile": cfg.compile, "channels_last": cfg.channels_last, "clock": cfg.clock, **r}
         r.setdefault("peak_mem_GiB", peak_memory(device))
         r["load_avg"] = round(max(load, os.getloadavg()[0]), 2)  # the busier of the stage's start and end
         results.append(r)

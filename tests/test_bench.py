@@ -34,9 +34,10 @@ def test_bench_reports_each_stage(tmp_path):
     assert [json.loads(line) for line in out.read_text().splitlines()] == results
 
 
-def test_unknown_stage_is_a_user_error():
-    cfg = parse_config(bench.Config, bench.PRESETS, TINY + ["--what=train,vea"])
-    with pytest.raises(bench.UserError, match="vea"):
+@pytest.mark.parametrize("arg, words", [("--what=train,vea", "vea"), ("--clock=gpu", "clock")])
+def test_bad_stage_or_clock_is_a_user_error(arg, words):
+    cfg = parse_config(bench.Config, bench.PRESETS, TINY + [arg])
+    with pytest.raises(bench.UserError, match=words):
         bench.main(cfg)
 
 
