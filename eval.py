@@ -6,6 +6,11 @@ Evaluation on held-out identities (the "test" split; never seen in training). On
   generation  (Table 1/3 style, synthfaces): FaceSim, identity retrieval, prompt adherence, seconds per image, with
               the null-face control and the real-image bounds (also through the tokenizer: its ceiling):
                 python eval.py --what=generation --ckpt=out/hear/ckpt.pt
+  gallery     pictures of held-out identities: reference crop | one sample per prompt, and the Fig. 8 strip:
+                python eval.py --what=gallery --ckpt=out/hear/ckpt.pt --out=out/gallery.png
+  photos      (Table 1, real photos): CLIP-T, CLIP-I, DINO, FaceSim, no-face rate, seconds per image, for every
+              reference photo in --faces (one person each) x every prompt of --prompts:
+                python eval.py --what=photos --ckpt=out/hear_2b/ckpt.pt --faces=data/eval_faces --prompts=prompts.txt
   curves      train.py's metrics.jsonl -> loss and bit-accuracy curves PNG:
                 python eval.py --what=curves --metrics=out/hear/metrics.jsonl --out=curves.png
 
@@ -22,13 +27,13 @@ import torch
 from common import UserError, cli, log, run_info, setup_device
 from data.manifest import load_image, read_manifest
 from metrics import evaluate_tokenizer, judge_scores, summarize
-from pipeline import generate, load_run, load_tokenizer
+from pipeline import face_paths, generate, load_run, load_tokenizer, reference_crops
 
 
 @dataclasses.dataclass
 class Config:
     preset: str = "synthfaces"  # preset name
-    what: str = "tokenizer"  # tokenizer | generation | curves
+    what: str = "tokenizer"  # tokenizer | generation | gallery | photos | curves
     data_dir: str = "data/synthfaces/out"  # manifest folder; the "test" split (held-out identities) is used
     judge: str = "data/synthfaces/out/judge.pt"  # the synthfaces judge ("" = no identity column for tokenizers)
     device: str = "auto"  # auto | cpu | cuda
@@ -44,6 +49,19 @@ class Config:
     guidance: float = 3.0  # CFG scale
     id_scale: float = 1.0  # lambda of Eq. (7)
     seed: int = 0  # sampling seed
+    # gallery
+    gallery_ids: int = 4  # held-out identities (rows)
+    gallery_prompts: tuple = ("photo of a smiling person in a red shirt with a blue hat, large face in the center, "
+                              "even light, yellow background",
+                              "pencil sketch of a surprised person in a white shirt with no accessories, medium face "
+                              "on the left, lit from the right, teal background")  # one column each
+    # photos (Table 1 on real photos; also uses ckpt, guidance, id_scale, seed)
+    faces: str = "data/eval_faces"  # reference photos, one person each: a folder or comma-separated files
+    prompts: str = "data/eval_prompts.txt"  # prompts, UTF-8, one per line (blank lines and # comments skipped)
+    clip_model: str = "weights/clip-vit-large-patch14"  # local transformers CLIP folder (CLIP-T, CLIP-I)
+    dino_model: str = "weights/dino-vits16"  # local transformers DINO v1 ViT-S/16 folder (DINO)
+    face_detector: str = "auto"  # FaceSim and reference crops: auto (InsightFace pack if present, else dlib) | dlib
+    face_model_pack: str = "antelopev2"  # InsightFace pack in ~/.insightface/models (antelopev2 or buffalo_l)
     # curves
     metrics: str = "out/hear/metrics.jsonl"  # train.py's metrics.jsonl
 
@@ -81,11 +99,16 @@ def eval_tokenizers(cfg, device):
     if len(names) != len(paths):
         raise UserError(f"--names has {len(names)} entries for {len(paths)} --ckpts")
     judge = load_judge_or_fail(cfg, device) if cfg.judge else None
-    rows = ["| tokenizer | MSE (0-255) | SSIM | PSNR (dB) | face PSNR (dB) | ID sim |", "|---|---|---|---|---|---|"]
+    rows = ["| tokenizer | MSE (0-255) | SSIM | PSNR (dB) | face PSNR (dB) | ID sim | ceiling FaceSim | ceiling "
+            "top-1 |", "|---|---|---|---|---|---|---|---|"]
     for name, path in zip(names, paths):
-        m = evaluate_tokenizer(load_tokenizer(path)[0].to(device), records, cfg.image_size, device, judge)
-        sim = f"{m['id_sim']:.4f}" if "id_sim" in m else "-"
-        rows.append(f"| {name} | {m['mse']:.2f} | {m['ssim']:.4f} | {m['psnr']:.2f} | {m['face_psnr']:.2f} | {sim} |")
+        vae = load_tokenizer(path)[0].to(device)
+        m = evaluate_tokenizer(vae, records, cfg.image_size, device, judge)
+        judged = "- | - | -"  # ID sim (reconstruction vs original) and the ceiling's FaceSim and top-1 need the judge
+        if judge:
+            judged = " | ".join(f"{v:.4f}" for v in (m["id_sim"], *tokenizer_ceiling(vae, judge, cfg, device)))
+        rows.append(f"| {name} | {m['mse']:.2f} | {m['ssim']:.4f} | {m['psnr']:.2f} | {m['face_psnr']:.2f} | "
+                    f"{judged} |")
     log(f"held-out identities: {len(records)} images of {cfg.data_dir}")
     return write_table("\n".join(rows), cfg)
 
@@ -151,6 +174,22 @@ def through_tokenizer(vae, images):
 
 
 @torch.no_grad()
+def tokenizer_ceiling(vae, judge, cfg, device):
+    """-> (FaceSim, top-1) of held-out real images through `vae`, scored exactly as eval_generation scores generated
+    images: no generator decoding through this tokenizer can score above it."""
+    ids, by_id, refs = held_out_identities(cfg, cfg.image_size, device)
+    ref_embs, per_image = judge.embed(refs, "eval"), {}
+    for n, i in enumerate(ids):
+        recs = by_id[i][1: 1 + cfg.prompts_per_identity]
+        real = torch.stack([load_image(r["path"], (cfg.image_size,) * 2) for r in recs]).to(device)
+        own = torch.full((len(recs),), n, device=device)
+        for k, v in judge_scores(judge, through_tokenizer(vae, real), ref_embs, own, [{}] * len(recs)).items():
+            per_image.setdefault(k, []).append(v.cpu())
+    m = summarize(per_image)
+    return m["face_sim"], m["top1"]
+
+
+@torch.no_grad()
 def eval_generation(cfg, device):
     """Rows: HEAR with the face, the null face (prompt only), real images of the same identity (upper bound), the
     same real images through the tokenizer (the tokenizer's ceiling) and real images of another identity (chance)."""
@@ -185,12 +224,87 @@ def eval_generation(cfg, device):
     return write_table("\n".join(table), cfg)
 
 
+@torch.no_grad()
+def eval_gallery(cfg, device):
+    """Rows: the first gallery_ids held-out identities; columns: the reference crop, then one sample per prompt (all
+    2x nearest-upscaled). Also <out stem>_scales.png: the running sum of the first k scales decoded, k = 1..K, for
+    the first row and prompt (Fig. 8)."""
+    import torchvision
+
+    run = load_run(cfg.ckpt, device)
+    _, _, refs = held_out_identities(cfg, run.config["face_size"], device)
+    refs, n_prompts = refs[: cfg.gallery_ids], len(cfg.gallery_prompts)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    crops = refs.repeat_interleave(n_prompts, 0)  # (N * P, 3, S, S): each identity once per prompt
+    images, per_scale = generate(run, list(cfg.gallery_prompts) * len(refs), crops, gen, cfg.guidance,
+                                 id_scale=cfg.id_scale)
+    size = images.shape[-1]
+    refs = torch.nn.functional.interpolate(refs, size=(size, size), mode="bilinear", antialias=True)
+    grid = torch.cat([refs[:, None], images.view(len(refs), n_prompts, *images.shape[1:])], 1).flatten(0, 1)
+    path = cfg.out or "gallery.png"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    up = torch.nn.functional.interpolate(grid.add(1).div(2).clamp(0, 1), scale_factor=2, mode="nearest")
+    torchvision.utils.save_image(up, path, nrow=1 + n_prompts, padding=2, pad_value=1.0)
+    strip = torch.cat([run.vae.decode(z[:1]) for z in per_scale]).add(1).div(2)
+    strip_path = os.path.splitext(path)[0] + "_scales.png"
+    torchvision.utils.save_image(torch.nn.functional.interpolate(strip, scale_factor=2, mode="nearest"), strip_path,
+                                 nrow=len(per_scale), padding=2, pad_value=1.0)
+    log(f"wrote {path} (rows: {len(refs)} held-out identities; columns: reference, then {n_prompts} prompts) and "
+        f"{strip_path} (scales 1..{len(per_scale)} of row 1, prompt 1)")
+    return path, strip_path
+
+
+@torch.no_grad()
+def eval_photos(cfg, device):
+    """Table 1 on real photos: one image per (reference photo, prompt) pair at batch 1, seed + pair index, from the
+    photo's detected, cropped face; scored against the whole photo (CLIP-I, DINO) and its face (FaceSim)."""
+    import face_detect as fd
+    import metrics as mt
+
+    if not os.path.isfile(cfg.prompts):
+        raise UserError(f"--prompts={cfg.prompts} not found: a UTF-8 text file with one prompt per line")
+    prompts = [s.strip() for s in open(cfg.prompts, encoding="utf-8") if s.strip() and s.strip()[0] != "#"]
+    if not prompts:
+        raise UserError(f"--prompts={cfg.prompts} holds no prompt (one per line)")
+    if cfg.face_detector == "none":
+        raise UserError("--face_detector=none: FaceSim needs a face backend (auto, insightface or dlib)")
+    (clip, clip_tokenizer), dino = mt.load_clip(cfg.clip_model, device), mt.load_dino(cfg.dino_model, device)
+    detector = fd.make_face_detector(cfg.face_detector, cfg.face_model_pack, device=device, log=log)
+    run, paths = load_run(cfg.ckpt, device), face_paths(cfg.faces)
+    crops, faces = reference_crops(paths, detector, run.config["face_size"], run.config.get("crop_scale", 1.4))
+    pairs = [(n, p) for n in range(len(paths)) for p in prompts]
+
+    def image(k):
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + k)
+        crop = crops[pairs[k][0]][None].to(device)
+        return generate(run, [pairs[k][1]], crop, gen, cfg.guidance, id_scale=cfg.id_scale)[0].cpu()  # (1, 3, H, W)
+
+    image(0)  # warm-up, not timed
+    t = time.time()
+    images = torch.cat([image(k) for k in range(len(pairs))])  # (N M, 3, H, W)
+    seconds = (time.time() - t) / len(pairs)
+    refs = [load_image(paths[n]) for n, _ in pairs]
+    face, found = mt.face_sim(detector, images, [faces[n]["embedding"] for n, _ in pairs])
+    scores = [mt.clip_t(clip, clip_tokenizer, images, [p for _, p in pairs]), mt.clip_i(clip, images, refs),
+              mt.dino_score(dino, images, refs), face]
+    row = " | ".join(f"{float(s.mean()):.2f}" for s in scores)
+    table = [f"| model | CLIP-T | CLIP-I | DINO | FaceSim ({detector.name}) | no face | s / image |", "|---" * 7 + "|",
+             f"| {cfg.ckpt} (step {run.step}) | {row} | {1 - float(found.float().mean()):.1%} | {seconds:.3f} |",
+             f"\n{len(paths)} reference photos x {len(prompts)} prompts, one image each (seed {cfg.seed} + pair "
+             f"index, cfg {cfg.guidance}, id_scale {cfg.id_scale}). Cosines x100: CLIP {cfg.clip_model}, DINO "
+             f"{cfg.dino_model}, FaceSim = {detector.name} identity embedding of the largest face, 0 without one "
+             "(dlib and InsightFace FaceSim are not comparable). Speed: seconds per image at batch 1 after one "
+             f"warm-up image on {device}: prompt encoding, face tokens, sampling, decoding (not detection, metrics)."]
+    return write_table("\n".join(table), cfg)
+
+
 def main(cfg):
     if cfg.what == "curves":
         return log(f"wrote {plot_curves(cfg.metrics, cfg.out or 'curves.png')}")
-    modes = {"tokenizer": eval_tokenizers, "generation": eval_generation}
+    modes = {"tokenizer": eval_tokenizers, "generation": eval_generation, "gallery": eval_gallery,
+             "photos": eval_photos}
     if cfg.what not in modes:
-        raise UserError(f"--what={cfg.what!r}: choose tokenizer, generation or curves")
+        raise UserError(f"--what={cfg.what!r}: choose tokenizer, generation, gallery, photos or curves")
     device = setup_device(cfg.device).device
     log(run_info(device))
     return modes[cfg.what](cfg, device)

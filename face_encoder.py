@@ -11,7 +11,7 @@ The face encoder itself is a copy of the tokenizer (tokenizer.BSQVAE) fine-tuned
 train_tokenizer.py --preset=synthfaces_face; the generation tokenizer is never modified.
 
 References:
-  [HEAR]     HEAR: High-frequency Enhanced AutoRegressive modeling for identity-preserving generation (Eq. 1, 2, 5)
+  [HEAR]     HEAR: High-frequency Enhanced AutoRegressive modeling for identity-preserving generation, Eq. (1)-(5)
   [ArcFace]  Deng et al., arXiv:1801.07698 (IResNet backbones, insightface arcface_torch)
   [AdaFace]  Kim et al., arXiv:2204.00964 (IR-50/101 backbones, the paper's identity loss)
   [DINOv2]   Oquab et al., arXiv:2304.07193
@@ -42,7 +42,7 @@ def face_mask(boxes, height, width, alpha=2.0):
     rows = torch.arange(height, dtype=torch.float32).view(1, height, 1)
     x0, y0, x1, y1 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
     inside = (cols + 0.5 >= x0) & (cols + 0.5 <= x1) & (rows + 0.5 >= y0) & (rows + 0.5 <= y1)  # pixel centres
-    return torch.where(inside, alpha, 1.0).unsqueeze(1)
+    return torch.where(inside, alpha, 1.0).unsqueeze(1)  # Eq. (2)
 
 
 # -----------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def face_tokens(face_encoder, crops, hf_first_scale, global_encoder=None):
     with torch.autocast(crops.device.type, enabled=False):
         bits = face_encoder.quantize(face_encoder.encode(crops.float()), schedule)["bits"]  # K x (B, h_k, w_k, d)
         v_g = None if global_encoder is None else global_encoder(crops.float())
-    # tokens from the bits (exact +-1/sqrt(d) values, as decoding sees them), not the straight-through forward value,
+    # parity: tokens from the bits (exact +-1/sqrt(d) values, as decoding sees them), not the straight-through value,
     # whose last ulp depends on the batch the crop was encoded in
     v = tok.bits_to_sequence(bits)  # (B, L_face, d)
     ft = hf_split(schedule, hf_first_scale)

@@ -1,20 +1,34 @@
 """
 The metrics of the paper's tables, shared by eval.py (the tables) and train_tokenizer.py (its held-out check).
 
-  tokenizers (Table 2 / 4): MSE on the 0-255 scale, PSNR, SSIM, PSNR inside the face box (Eq. 2 region), and on
+  tokenizers (Table 2 / 4): MSE on the 0-255 scale, PSNR, SSIM, PSNR inside the face box (Eq. (2) region), and on
                             synthfaces the identity similarity of reconstruction and original
   generation (Table 1 / 3, synthfaces): FaceSim against the reference, identity top-1 retrieval, prompt adherence,
                             all through the synthfaces judge's *evaluator* networks (never the identity net the
                             face encoder was trained against)
+  generation (Table 1, real photos): CLIP-T, CLIP-I (transformers CLIP, ViT-L/14 by default), DINO (DINO v1
+                            ViT-S/16, the DreamBooth definition), FaceSim (a face_detect backend's identity embedding
+                            of the largest face; 0 without a face), all x100 as the paper's Table 1 prints them
+
+References:
+  [CLIPScore]  Hessel et al., arXiv:2104.08718; CLIP-T x100 as torchmetrics CLIPScore (which also clips at 0)
+  [DreamBooth] Ruiz et al., arXiv:2208.12242 (CLIP-I, DINO: cosine of image embeddings, generated vs reference)
+  [DINO]       Caron et al., arXiv:2104.14294 (ViT-S/16; transformers facebook/dino-vits16, ViTModel)
 
 Images are (B, 3, H, W) in [-1, 1]; pixel metrics compare them on the 0..255 grid, rounded as a saved PNG would be.
 """
 
+import os
+
 import torch
 
 import tokenizer as tok
+from common import UserError
 from data.manifest import load_example
 from face_encoder import face_mask
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINO
 
 
 def to_uint8(x):
@@ -98,3 +112,104 @@ def judge_scores(judge, images, ref_embs, own, attrs):
             for a, v in at.items()]
     return {"face_sim": sims[torch.arange(len(own)), own], "top1": (sims.argmax(1) == own).float(),
             "prompt_acc": torch.tensor(hits)}
+
+
+# -----------------------------------------------------------------------------
+# Table 1 on real photos: CLIP-T, CLIP-I, DINO, FaceSim (x100)
+
+
+def _weights(path, key, name):
+    if not os.path.isdir(path):
+        raise UserError(f"--{key}={path} not found: put the transformers folder of {name} there (config.json, "
+                        f"model.safetensors{', tokenizer files' if 'clip' in name else ''})")
+    return path
+
+
+def load_clip(path, device="cpu"):
+    """A local transformers CLIP folder (openai/clip-vit-large-patch14) -> (CLIPModel, its tokenizer), eval mode."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    _weights(path, "clip_model", "openai/clip-vit-large-patch14")
+    clip = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval().requires_grad_(False)
+    return clip, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_dino(path, device="cpu"):
+    """A local transformers DINO v1 folder (facebook/dino-vits16) -> ViTModel, eval mode."""
+    from transformers import ViTModel
+
+    _weights(path, "dino_model", "facebook/dino-vits16")
+    return ViTModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True).to(device).eval()
+
+
+def preprocess(images, resize, crop, mean, std):
+    """Images (list of (3, H, W) or (B, 3, H, W)) in [-1, 1] -> (B, 3, crop, crop) network input: each on the 0..255
+    grid (as saved), shorter side resized to `resize` (bicubic, antialiased), centre crop, normalised."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    out = []
+    for x in images:
+        x = TF.resize(to_uint8(x) / 255, [resize], InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+        out.append(TF.normalize(TF.center_crop(x, [crop]), mean, std))
+    return torch.stack(out)
+
+
+def _unit(x):
+    """A transformers embedding output -> unit float rows on the CPU."""
+    x = x if torch.is_tensor(x) else x.pooler_output  # transformers 5 returns an output object, 4.x a tensor
+    return torch.nn.functional.normalize(x.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def clip_image_embeds(clip, images):
+    """Unit CLIP image embeddings (B, E); CLIPImageProcessor's recipe: resize, centre crop, CLIP mean / std."""
+    side = clip.config.vision_config.image_size
+    x = preprocess(images, side, side, CLIP_MEAN, CLIP_STD).to(clip.device)
+    return _unit(clip.get_image_features(pixel_values=x))
+
+
+@torch.no_grad()
+def clip_text_embeds(clip, tokenizer, prompts):
+    """Unit CLIP text embeddings (B, E); prompts longer than CLIP's context (77 tokens) are truncated."""
+    ids = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt",
+                    max_length=clip.config.text_config.max_position_embeddings).to(clip.device)
+    return _unit(clip.get_text_features(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]))
+
+
+def clip_t(clip, tokenizer, images, prompts):
+    """CLIP-T [CLIPScore]: 100 cos(CLIP image embedding of the generated image, CLIP text embedding of its prompt),
+    per image (B,), in [-100, 100] (torchmetrics also clips at 0; real CLIP pairs are far above it)."""
+    return 100 * (clip_image_embeds(clip, images) * clip_text_embeds(clip, tokenizer, prompts)).sum(-1)
+
+
+def clip_i(clip, images, refs):
+    """CLIP-I [DreamBooth]: 100 cos(CLIP image embedding of the generated image, of its reference photo), (B,)."""
+    return 100 * (clip_image_embeds(clip, images) * clip_image_embeds(clip, refs)).sum(-1)
+
+
+@torch.no_grad()
+def dino_embeds(dino, images):
+    """Unit DINO CLS embeddings (B, 384 for ViT-S/16), DreamBooth's recipe: resize the shorter side to 256
+    (bicubic), centre crop 224, ImageNet mean / std (sizes scaled with the model's image_size)."""
+    side = dino.config.image_size
+    x = preprocess(images, side * 256 // 224, side, IMAGENET_MEAN, IMAGENET_STD).to(dino.device)
+    return _unit(dino(pixel_values=x).last_hidden_state[:, 0])  # CLS token of the last layer (after its norm)
+
+
+def dino_score(dino, images, refs):
+    """DINO [DreamBooth]: 100 cos(DINO ViT-S/16 CLS embedding of the generated image, of its reference photo), (B,)."""
+    return 100 * (dino_embeds(dino, images) * dino_embeds(dino, refs)).sum(-1)
+
+
+def face_sim(detector, images, ref_embeds):
+    """FaceSim: 100 cos(identity embedding of the largest face found in each generated image, of its reference
+    face), for a face_detect backend (InsightFace or dlib: their numbers are not comparable). An image without a
+    face scores 0. images (B, 3, H, W) in [-1, 1], ref_embeds: B unit numpy vectors (E,) of the same backend ->
+    (scores (B,), face found (B,) bool)."""
+    scores, found = torch.zeros(len(images)), torch.zeros(len(images), dtype=torch.bool)
+    for b, x in enumerate(to_uint8(images.float()).byte().permute(0, 2, 3, 1).cpu().numpy()):  # (H, W, 3) RGB
+        faces = detector(x)  # largest first (face_detect._rank_faces)
+        if faces:
+            scores[b], found[b] = 100 * float(faces[0]["embedding"] @ ref_embeds[b]), True
+    return scores, found

@@ -2,7 +2,7 @@
 The HEAR transformer: Infinity's bitwise next-scale autoregressive backbone plus HEAR's two identity paths.
 
   backbone   [Infinity] text-conditioned blocks (shared AdaLN, cosine self-attention with 2-D RoPE, cross-attention,
-             FFN), bitwise classifier head, block-causal training, KV-cached sampling with CFG (Eq. 8 [HEAR])
+             FFN), bitwise classifier head, block-causal training, KV-cached sampling with CFG (Eq. (8) [HEAR])
   global     Eq. (3)-(4) [HEAR]: global face tokens join the text tokens of every cross-attention
   local      Eq. (5)-(7) [HEAR]: a decoupled high-frequency cross-attention (W'_K, W'_V) added in every block
   weights    load_infinity(): the official Infinity checkpoints, strictly checked, HEAR-only parameters initialised
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from common import CheckpointMismatchError, read_state_dict  # noqa: F401 (CheckpointMismatchError: re-exported)
+from checkpoint import CheckpointMismatchError, read_state_dict  # noqa: F401 (the error is re-exported)
 from tokenizer import add_scale, token_offsets
 
 try:  # FlexAttention (torch >= 2.5) runs the block-causal mask tile by tile instead of as an L x L tensor
@@ -184,7 +184,7 @@ class SelfAttention(nn.Module):
 
 class CrossAttention(nn.Module):
     """Softmax cross-attention to a key-padded token set, scale 1/sqrt(hd) [Infinity]. `pool=True`: the query is one
-    learned vector per head (text attention pool). `hf_adapter=True`: HEAR's decoupled second K/V (Eq. 6-7)."""
+    learned vector per head (text attention pool). `hf_adapter=True`: HEAR's decoupled second K/V (Eq. (6)-(7))."""
 
     def __init__(self, C, kv_dim, num_heads, pool=False, hf_adapter=False):
         super().__init__()
@@ -235,7 +235,9 @@ class CrossAttention(nn.Module):
                 # their keys are equal, so the softmax is uniform and Z_hf is that token's value, at any N
                 v_null = self._keys_values(hf_null, self.mat_kv_hf.weight, self.v_bias_hf)[1]  # (1, H, 1, hd)
                 z_hf = torch.cat((z_hf, v_null.to(q.dtype).expand(B - len(hf), -1, q.shape[2], -1)))
-            z = z + id_scale * z_hf  # Eq. (7) [HEAR]: Z' = Z_g + lambda Z_hf; lambda = id_scale (1 in training)
+            # Eq. (7) [HEAR]: Z' = Z_g + lambda Z_hf. NOTE: differs from [HEAR] Eq. (7), which has no lambda: lambda is
+            # 1 in training (the paper's equation) and id_scale at sampling, the identity-strength knob of IP-Adapter
+            z = z + id_scale * z_hf
         return self.proj(z.transpose(1, 2).reshape(B, q.shape[2], -1))  # (B, l, C)
 
 
@@ -359,7 +361,8 @@ def scale_loss_weights(schedule, reweight=True):
 
 
 class HEARTransformer(nn.Module):
-    """Infinity transformer with HEAR's global face tokens (Eq. 3-4) and decoupled high-frequency adapter (Eq. 5-7)."""
+    """Infinity transformer with HEAR's global face tokens (Eq. (3)-(4)) and decoupled high-frequency adapter
+    (Eq. (5)-(7))."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -489,13 +492,16 @@ class HEARTransformer(nn.Module):
             t = self.text_norm(text)  # (B, T, Ct)
             # The pooled cond stays text-only: it is the sos token and drives every AdaLN and the head, all pretrained
             # on text alone; face tokens there would shift the modulation of every block. HEAR injects identity only
-            # through the cross-attentions (Eq. 3-7).
+            # through the cross-attentions (Eq. (3)-(7)).
             cond = self.text_proj_for_sos(t, mask)  # (B, C)
             kv, kv_mask = t, mask
             if face_global is not None:
                 # Eq. (3) [HEAR]: f = Concat(t, v_g) W_g. v_g is projected into the text width and normalised like
                 # the text; W_g is the pretrained text_proj_for_ca. The face rows follow the padded text block; with
                 # the key mask this equals per-sample [len_b text rows, N_g face rows] (attention ignores key order).
+                # NOTE: differs from [HEAR] Sec. 3.3.1, which aligns v_g with the text "through a pre-trained and
+                # frozen word embedding layer" but does not say how a continuous vector passes a lookup table; a new
+                # trainable linear map into the text width (face_global_proj) is the reading that can be built.
                 v_g = self.text_norm(self.face_global_proj(face_global.float()))  # (B, N_g, Ct)
                 kv = torch.cat((t, v_g), dim=1)  # (B, T + N_g, Ct)
                 kv_mask = torch.cat((mask, mask.new_ones(B, v_g.shape[1])), dim=1)
@@ -545,7 +551,7 @@ class HEARTransformer(nn.Module):
         sizes = torch.tensor([h * w for h, w in schedule], device=x.device)
         x = x + self.lvl_embed(torch.repeat_interleave(torch.arange(len(schedule), device=x.device), sizes))
         rope = tuple(t.to(x.device) for t in rope_2d_table(schedule, rope_grid, self.blocks[0].sa.head_dim))
-        mask = self.block_causal_mask(schedule, x.device)
+        mask = self.block_causal_mask(schedule, x.device)  # Eq. (8): scale k sees scales <= k only
         for block in self.blocks:
             if self.cfg.grad_checkpointing and self.training:
                 x = checkpoint(block, x, c, rope, mask, use_reentrant=False)

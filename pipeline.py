@@ -2,7 +2,7 @@
 The assembled HEAR system, shared by train.py, sample.py, eval.py and bench.py:
 
   caption   --caption tokenizer--> ids --T5 encoder--> text features ---------------\
-  reference face crop --face encoder--> face tokens (v_g, v_hf; Eq. 3-5) ------------+--> HEAR transformer --> bits
+  reference face crop --face encoder--> face tokens (v_g, v_hf; Eq. (3)-(5)) ------------+--> HEAR transformer --> bits
   bits --add_scale (Eq. 12)--> summed codes --frozen tokenizer's decoder--> image <-----------------------------/
 
   load_tokenizer(spec)     a frozen BSQ-VAE: a train_tokenizer.py checkpoint or infinity:<official .pth>
@@ -10,7 +10,8 @@ The assembled HEAR system, shared by train.py, sample.py, eval.py and bench.py:
   TextToBits               caption ids -> T5 features -> bit logits: the one trainable module (DDP wraps it)
   build_hear(...)          a new transformer, or official Infinity weights + HEAR's new parameters
   load_run(ckpt)           everything sampling needs, rebuilt from one train.py checkpoint
-  generate(run, ...)       prompts + reference crops -> images (sample.py, eval.py)
+  reference_crops(...)     reference photos -> detected, square-cropped faces (sample.py, eval.py)
+  generate(run, ...)       prompts + reference crops (one or several per person) -> images (sample.py, eval.py)
 """
 
 import dataclasses
@@ -19,11 +20,15 @@ import os
 import torch
 from torch import nn
 
+import face_detect as fd
 import face_encoder as fe
 import model as hear_model
 import tokenizer as tok
-from common import UserError, load_checkpoint
-from data.manifest import geometry
+from checkpoint import load_checkpoint
+from common import UserError
+from data.manifest import geometry, load_image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def load_tokenizer(spec):
@@ -132,31 +137,85 @@ def load_run(path, device="cpu", use_ema=True):
                fe.build_global_encoder(c.get("global_face", "lowfreq"), device), c, ckpt["step"])
 
 
-def face_conditions(hear, face_enc, global_enc, crops, hf_first_scale):
-    """Reference crops (B, 3, S, S) -> (v_g or None, v_hf or None): the face tokens of the identity paths the
-    transformer was built with (Eq. 3-5)."""
-    v_g, v_hf = fe.face_tokens(face_enc, crops, hf_first_scale, global_enc)
+def face_paths(spec):
+    """--face: one image, comma-separated images, or a folder (its images, sorted by name) -> list of paths."""
+    if os.path.isdir(spec):
+        paths = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_SUFFIXES))
+        if not paths:
+            raise UserError(f"{spec}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        return paths
+    return [p for p in spec.split(",") if p]
+
+
+def reference_crops(paths, detector, size, crop_scale):
+    """Reference photos -> (crops (R, 3, size, size) in [-1, 1], detected faces [face_detect face dict per photo]):
+    the largest face of each photo (face_detect.detect_face), square-cropped with side crop_scale * max(box w, h)
+    from the photo at its own resolution. detector None: each image already is the face crop (scale 1)."""
+    crops, faces = [], []
+    for path in paths:
+        image = load_image(path)  # (3, H, W), one-line error if unreadable
+        rgb = ((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()  # (H, W, 3) uint8, the file's pixels
+        face = fd.detect_face(rgb, detector, path)
+        box = torch.as_tensor(face["box"], dtype=torch.float32)[None]  # (1, 4) pixels
+        crops.append(fd.square_crop(image[None], box, 1.0 if detector is None else crop_scale, size))
+        faces.append(face)
+    return torch.cat(crops), faces
+
+
+def face_conditions(hear, face_enc, global_enc, crops, hf_first_scale, combine="mean"):
+    """Reference crops (B, 3, S, S), or (B, R, 3, S, S): R photos of each sample's person -> (v_g or None, v_hf or
+    None), the face tokens of the identity paths the transformer was built with (Eq. 3-5). R references combine
+    token-wise: v_g is their mean; v_hf their mean (combine="mean", N_hf tokens) or their R sequences one after the
+    other (combine="concat", R N_hf tokens: the adapter's attention of Eq. (6) reads them all; R copies of one
+    reference attend like that one reference, up to rounding)."""
+    if combine not in ("mean", "concat"):
+        raise UserError(f"--face_combine={combine!r}: choose mean or concat")
+    B, R = crops.shape[0], crops.shape[1] if crops.dim() == 5 else 0
+    v_g, v_hf = fe.face_tokens(face_enc, crops.flatten(0, 1) if R else crops, hf_first_scale, global_enc)
+    if R:
+        v_g = v_g.unflatten(0, (B, R)).mean(1)  # (B, N_g, D_g)
+        v_hf = v_hf.unflatten(0, (B, R))  # (B, R, N_hf, d)
+        v_hf = v_hf.mean(1) if combine == "mean" else v_hf.flatten(1, 2)  # (B, N_hf, d) or (B, R N_hf, d)
     return (v_g if hear.cfg.use_global_face else None), (v_hf if hear.cfg.use_hf_adapter else None)
+
+
+def encode_prompts(run, prompts, negative_prompt, device, offload=False):
+    """Captions -> T5 features (text, lens, neg_text or None, neg_lens or None). offload: the T5 encoder is moved to
+    `device` for this and back to the CPU afterwards, so during generation the accelerator holds only the
+    transformer, the tokenizer and the face encoders (a no-op on the CPU)."""
+    offload = offload and torch.device(device).type != "cpu"
+    run.model.text_encoder.to(device)  # back from the CPU after an offloaded call (else a no-op)
+
+    def encode(texts):
+        ids = run.caption_tokenizer(texts, padding=True, truncation=True, max_length=run.config["text_maxlen"],
+                                    return_tensors="pt")
+        return run.model.encode_text(ids["input_ids"].to(device), ids["attention_mask"].to(device))
+
+    text, lens = encode(prompts)
+    neg_text, neg_lens = encode([negative_prompt] * len(prompts)) if negative_prompt else (None, None)
+    if offload:
+        run.model.text_encoder.to("cpu")
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # hand the encoder's memory back, not just to PyTorch's cache
+    return text, lens, neg_text, neg_lens
 
 
 @torch.no_grad()
 def generate(run, prompts, crops, generator, cfg_scale=3.0, tau=1.0, top_k=900, top_p=0.97, id_scale=1.0,
-             hf_from_scale=0, negative_prompt="", null_face=False, h_div_w=1.0):
-    """prompts (B str), reference crops (B, 3, S, S) in [-1, 1] -> (images (B, 3, H, W) in [-1, 1], per-scale running
-    sums [(B, d, h, w)] for the Fig. 8 strip). null_face: zero face tokens (the null condition of CFG training), i.e.
-    the prompt alone."""
+             hf_from_scale=0, negative_prompt="", null_face=False, h_div_w=1.0, face_combine="mean",
+             offload_text_encoder=False):
+    """prompts (B str), reference crops (B or 1, 3, S, S), or (B or 1, R, 3, S, S) for R references per sample
+    (face_conditions, combined as face_combine), in [-1, 1] -> (images (B, 3, H, W) in [-1, 1], per-scale running
+    sums [(B, d, h, w)] for the Fig. 8 strip). One set of crops serves every prompt (encoded once). null_face: zero
+    face tokens (the null condition of CFG training), i.e. the prompt alone. offload_text_encoder: see
+    encode_prompts."""
     c, model, device = run.config, run.model, crops.device
-    ids = run.caption_tokenizer(prompts, padding=True, truncation=True, max_length=c["text_maxlen"],
-                                return_tensors="pt")
-    text, lens = model.encode_text(ids["input_ids"].to(device), ids["attention_mask"].to(device))
-    neg_text = neg_lens = None
-    if negative_prompt:
-        neg = run.caption_tokenizer([negative_prompt] * len(prompts), padding=True, truncation=True,
-                           max_length=c["text_maxlen"], return_tensors="pt")
-        neg_text, neg_lens = model.encode_text(neg["input_ids"].to(device), neg["attention_mask"].to(device))
+    text, lens, neg_text, neg_lens = encode_prompts(run, prompts, negative_prompt, device, offload_text_encoder)
     template = tok.nearest_template(h_div_w) if c["pn"] else 1.0
     _, schedule, grid = geometry(c["pn"], c["image_size"], template, run.vae.cfg.patch_size)
-    v_g, v_hf = face_conditions(model.hear, run.face_encoder, run.global_encoder, crops, c["hf_first_scale"])
+    v_g, v_hf = face_conditions(model.hear, run.face_encoder, run.global_encoder, crops, c["hf_first_scale"],
+                                face_combine)
+    v_g, v_hf = (None if v is None else v.expand(len(prompts), -1, -1) for v in (v_g, v_hf))
     if null_face:
         v_g, v_hf = (None if v is None else torch.zeros_like(v) for v in (v_g, v_hf))
     out = model.hear.generate(text, lens, schedule, grid, cfg_scale=cfg_scale, tau=tau, top_k=top_k, top_p=top_p,

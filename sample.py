@@ -4,9 +4,11 @@ Generate a person from a face photo and a prompt with a trained HEAR checkpoint.
   python sample.py --ckpt=out/hear/ckpt.pt --face=data/synthfaces/out/crops/id0300_00.png \
       --prompt="a smiling person with a red hat in front of a blue wall" --num_samples=4
   real photos:  python sample.py --preset=infinity_2b --ckpt=out/hear_2b/ckpt.pt --face=me.jpg --prompt="..."
+  several photos of one person:  --face=a.jpg,b.jpg,c.jpg  or  --face=<folder>  (combined as --face_combine)
 
-Writes <out> (a grid of num_samples images) and, with --per_scale=True, <out stem>_scales.png: the running sum of
-the first k scales decoded, k = 1..K (the paper's Fig. 8 strip; identity detail arrives with the late scales).
+Writes <out> (the reference crops, then num_samples images) and, with --per_scale=True, <out stem>_scales.png: the
+running sum of the first k scales decoded, k = 1..K (the paper's Fig. 8 strip; identity detail arrives with the late
+scales).
 """
 
 import dataclasses
@@ -14,18 +16,19 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 import face_detect as fd
 from common import UserError, cli, log, resolve_device, run_info
-from data.manifest import load_image
-from pipeline import generate, load_run
+from pipeline import face_paths, generate, load_run, reference_crops
 
 
 @dataclasses.dataclass
 class Config:
     preset: str = "synthfaces"  # preset name
     ckpt: str = "out/hear/ckpt.pt"  # train.py checkpoint (architecture, text encoder and encoder paths inside)
-    face: str = ""  # reference face image (a photo, or a pre-cropped face with face_detector=none)
+    face: str = ""  # reference face photo(s) of one person: a file, comma-separated files, or a folder
+    face_combine: str = "mean"  # several references: mean (tokens averaged) | concat (high-frequency tokens joined)
     prompt: str = ""  # what the image should show
     negative_prompt: str = ""  # optional negative prompt (else the learned null caption)
     out: str = "out/samples/sample.png"  # output PNG (a grid of num_samples)
@@ -39,6 +42,7 @@ class Config:
     seed: int = 0  # sampling seed
     per_scale: bool = False  # also write the per-scale strip (Fig. 8)
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
+    offload_text_encoder: bool = False  # move the T5 encoder to the CPU once the prompt is encoded (GPU memory)
     face_detector: str = "none"  # none (the image is the crop) | auto (InsightFace pack if present, else dlib) | dlib
     face_model_pack: str = "buffalo_l"  # InsightFace model pack
     face_model_root: str = "~/.insightface"  # looked up as <root>/models/<pack>
@@ -51,17 +55,22 @@ PRESETS = {"synthfaces": {}, "infinity_2b": {"face_detector": "auto", "ckpt": "o
 
 
 def reference_crop(cfg, size, crop_scale, device):
-    """Read the face image, detect (or take) the face, return the square crop (1, 3, size, size) in [-1, 1]."""
+    """Read the face photo(s) of --face, detect (or take) the face of each -> square crops (R, 3, size, size) in
+    [-1, 1], one per photo."""
     if not cfg.face:
         raise UserError("--face is required: a face photo (or a pre-cropped face with --face_detector=none)")
-    image = load_image(cfg.face)  # (3, H, W), one-line error if unreadable
     detector = fd.make_face_detector(cfg.face_detector, cfg.face_model_pack, cfg.face_model_root, cfg.det_thresh,
                                      device, log=log)
-    rgb = ((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
-    face = fd.detect_face(rgb, detector, cfg.face)
-    scale = 1.0 if detector is None else crop_scale  # none: the image already is the face crop
-    box = torch.as_tensor(face["box"], dtype=torch.float32)[None]  # (1, 4) pixels
-    return fd.square_crop(image[None], box, scale, size).to(device)
+    return reference_crops(face_paths(cfg.face), detector, size, crop_scale)[0].to(device)
+
+
+def fit(crop, hw):
+    """A square crop (3, S, S) shown in an (H, W) grid tile: resized to side min(H, W), centred on black."""
+    (H, W), side = hw, min(hw)
+    if crop.shape[-1] != side:
+        crop = F.interpolate(crop[None], size=(side, side), mode="bilinear", antialias=True)[0]
+    top, left = (H - side) // 2, (W - side) // 2
+    return F.pad(crop, (left, W - side - left, top, H - side - top), value=-1.0)  # (3, H, W), -1 = black
 
 
 def main(cfg):
@@ -73,13 +82,16 @@ def main(cfg):
     run = load_run(cfg.ckpt, device, cfg.use_ema)
     log(f"{run_info(device)} | checkpoint {cfg.ckpt} (step {run.step})")
     crop_scale = cfg.crop_scale or run.config.get("crop_scale", 1.4)
-    crops = reference_crop(cfg, run.config["face_size"], crop_scale, device).expand(cfg.num_samples, -1, -1, -1)
+    crops = reference_crop(cfg, run.config["face_size"], crop_scale, device)  # (R, 3, S, S)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    images, per_scale = generate(run, [cfg.prompt] * cfg.num_samples, crops, generator, cfg.cfg, cfg.tau, cfg.top_k,
-                                 cfg.top_p, cfg.id_scale, negative_prompt=cfg.negative_prompt, h_div_w=cfg.h_div_w)
+    images, per_scale = generate(run, [cfg.prompt] * cfg.num_samples, crops[None], generator, cfg.cfg, cfg.tau,
+                                 cfg.top_k, cfg.top_p, cfg.id_scale, negative_prompt=cfg.negative_prompt,
+                                 h_div_w=cfg.h_div_w, face_combine=cfg.face_combine,
+                                 offload_text_encoder=cfg.offload_text_encoder)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    torchvision.utils.save_image(torch.cat([crops[:1], images]).add(1).div(2), cfg.out, nrow=cfg.num_samples + 1)
-    log(f"wrote {cfg.out} (reference crop, then {cfg.num_samples} samples)")
+    tiles = [fit(c, images.shape[-2:]) for c in crops] + list(images)  # reference crops shown at the image size
+    torchvision.utils.save_image(torch.stack(tiles).add(1).div(2), cfg.out, nrow=len(tiles))
+    log(f"wrote {cfg.out} ({len(crops)} reference crop(s), then {cfg.num_samples} samples)")
     if cfg.per_scale:  # Fig. 8: decode the running sum after each scale, for the first sample
         strip = torch.cat([run.vae.decode(z[:1]) for z in per_scale])
         path = os.path.splitext(cfg.out)[0] + "_scales.png"

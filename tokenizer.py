@@ -2,8 +2,8 @@
 The bitwise multi-scale tokenizer of Infinity: BSQ-VAE + multi-scale residual BSQ quantizer.
 
 Contents, top to bottom: scale schedules; resampling and bit <-> code conversions; the multi-scale residual BSQ
-quantizer (Eq. 9-10) with its training regularisers; bitwise self-correction (Eq. 11-12); the conv encoder/decoder
-in the official module layout; `load_infinity_vae()` for the released checkpoints.
+quantizer (Eq. (9)-(10)) with its training regularisers; bitwise self-correction (Eq. (11)-(12)); the conv
+encoder/decoder in the official module layout; `load_infinity_vae()` for the released checkpoints.
 
 References:
   [Infinity] Han et al., "Infinity: Scaling Bitwise AutoRegressive Modeling for High-Resolution Image Synthesis",
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import CheckpointMismatchError, read_state_dict
+from checkpoint import CheckpointMismatchError, read_state_dict
 
 # -----------------------------------------------------------------------------
 # Scale schedules (official table of infinity/utils/dynamic_resolution.py)
@@ -103,16 +103,16 @@ def token_offsets(schedule):
 
 def resample(x, size, mode):
     """(B, d, h, w) -> (B, d, *size) with the official 5-D interpolation ('area' down, 'trilinear' up/down).
-    5-D trilinear with T=1 equals bilinear (align_corners=False) mathematically but differs by ulps on CPU,
-    so the 5-D call is kept for bit-exact parity with the official code."""
+    parity: 5-D trilinear with T=1 equals bilinear (align_corners=False) but differs by ulps on CPU; the official
+    code makes the 5-D call, so we do too."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x.unsqueeze(2), size=(1, *size), mode=mode).squeeze(2)
 
 
 def bits_to_codes(bits):
-    """Eq. (9) [HEAR]: bits (..., d) in {0,1} -> codes (..., d) = (2b - 1)/sqrt(d), renormalised as the official
-    indices_to_codes does (so every magnitude equals the official float32 value)."""
+    """Eq. (9) [HEAR]: bits (..., d) in {0,1} -> codes (..., d) = (2b - 1)/sqrt(d). parity: renormalised as the
+    official indices_to_codes does, so every magnitude equals the official float32 value."""
     d = bits.shape[-1]
     s = 1.0 / math.sqrt(d)
     return F.normalize(bits.float() * (2 * s) - s, dim=-1)
@@ -136,7 +136,8 @@ def add_scale(summed, bits, schedule, k):
 def bits_to_index(bits):
     """Eq. (10) [HEAR]: bits (..., d) -> index (...,) int64 = sum_p b_p 2^p. For d = 64 this is the two's-complement
     int64 view of the unsigned index (bit 63 is the sign bit); index_to_bits undoes it exactly.
-    NOTE: the official (unused) int_label mask is MSB-first (2^(d-1) for channel 0); we follow the paper's Eq. (10)."""
+    NOTE: differs from the official code, whose (unused) int_label mask is MSB-first (2^(d-1) for channel 0): we
+    follow the paper's Eq. (10), channel p weighted 2^p. Nothing depends on the order: the classifier is bitwise."""
     d = bits.shape[-1]
     if d > 64:
         raise ValueError(f"bits_to_index supports d <= 64 (int64), got d={d}")
@@ -157,17 +158,17 @@ def bits_to_sequence(bits_list):
 
 
 # -----------------------------------------------------------------------------
-# Multi-scale residual BSQ (Eq. 9-10 [HEAR] App. A; MultiScaleBSQ + BSQ of [Infinity])
+# Multi-scale residual BSQ (Eq. (9)-(10) [HEAR] App. A; MultiScaleBSQ + BSQ of [Infinity])
 
 
 def bsq_quantize(r):
     """Eq. (9) [HEAR]: one scale of BSQ. residual r (B, d, h, w) -> codes (B, d, h, w), bits (B, h, w, d) uint8.
     z = r/||r|| per position; code = sign(z)/sqrt(d) with 0 -> -1; straight-through gradient to z."""
     d = r.shape[1]
-    # contiguous channels-last (B, h, w, d), as the official (b n c d) layout: the norm's summation order matches
+    # parity: contiguous channels-last (B, h, w, d) as the official (b n c d) layout, so the norm sums in its order
     z = F.normalize(r.float().permute(0, 2, 3, 1).contiguous(), dim=-1)
     zhat = torch.where(z > 0, 1.0, -1.0) * (1.0 / d**0.5)  # on the unit sphere
-    # the forward value is z + (zhat - z), as the official code: it can differ from zhat in the last ulp
+    # parity: the forward value is z + (zhat - z), as the official code; it can differ from zhat in the last ulp
     q = z + (zhat - z).detach()
     return q.permute(0, 3, 1, 2), (q > 0).to(torch.uint8)
 
@@ -236,7 +237,7 @@ def bsq_aux_loss(inputs, commit_weight=0.25, entropy_weight=0.1):
 
 
 # -----------------------------------------------------------------------------
-# Bitwise self-correction (Eq. 11-12 [HEAR]; BitwiseSelfCorrection.flip_requant of [Infinity])
+# Bitwise self-correction (Eq. (11)-(12) [HEAR]; BitwiseSelfCorrection.flip_requant of [Infinity])
 
 
 def flip_bits(bits, p, generator=None):
@@ -298,7 +299,7 @@ class TokenizerConfig:
 
 
 def swish(x):
-    """x * sigmoid(x), written as the official code (F.silu can differ in the last ulp)."""
+    """x * sigmoid(x). parity: written as the official code (F.silu can differ in the last ulp)."""
     return x * torch.sigmoid(x)
 
 

@@ -6,9 +6,9 @@ Train HEAR (or plain Infinity-style text-to-image) with bitwise self-correction.
   DDP (CPU, gloo):   torchrun --standalone --nproc_per_node=2 train.py --preset=synthfaces --device=cpu
   paper recipe:      torchrun --standalone --nproc_per_node=8 train.py --preset=infinity_2b --data_dir=data/faces
 
-One step: the targets' frozen tokenizer latents -> bitwise self-correction (Eq. 11-12) -> teacher-forced next-scale
-logits (Eq. 8) conditioned on the caption (short or long, p = 0.5), the reference face's global tokens (Eq. 3-4) and
-high-frequency tokens (Eq. 5-7) -> bitwise cross-entropy. Text and face are dropped together with p = 0.1 for CFG.
+One step: the targets' frozen tokenizer latents -> bitwise self-correction (Eq. (11)-(12)) -> teacher-forced next-scale
+logits (Eq. 8) conditioned on the caption (short or long, p = 0.5), the reference face's global tokens (Eq. (3)-(4)) and
+high-frequency tokens (Eq. (5)-(7)) -> bitwise cross-entropy. Text and face are dropped together with p = 0.1 for CFG.
 The data (manifest format, images, batches, reference choice) is in data/manifest.py; the assembled model in
 pipeline.py.
 """
@@ -26,8 +26,9 @@ from tqdm import tqdm
 import face_encoder as fe
 import model as hear_model
 import tokenizer as tok
-from common import (UserError, autocast, cli, load_checkpoint, log, lr_schedule, peak_flops, rng_state, run_info,
-                    save_checkpoint, save_config, seeded_generator, set_rng_state, setup_device)
+from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common import (UserError, autocast, cli, log, lr_schedule, peak_flops, run_info, save_config, seeded_generator,
+                    setup_device)
 from data.manifest import (aspect_buckets, epoch_batches, geometry, identity_pools, load_example, load_face_crop,
                            pick_references, read_manifest)
 from pipeline import TextToBits, build_hear, build_text_encoder, face_conditions, load_tokenizer, read_vocab
@@ -70,13 +71,16 @@ class Config:
     face_size: int = 64  # reference face crop size for the face encoder
     crop_scale: float = 1.4  # reference crop side / max(face box w, h) when a record has no crop_path (synthfaces' own)
     short_caption_prob: float = 0.5  # P(short caption) (paper: 0.5)
+    self_ref_prob: float = 0.0  # P(the reference face is the target image's own face), else another image of it
     cache_features: bool = True  # keep frozen tokenizer latents / face tokens in memory (small datasets)
     # optimisation (paper: AdamW lr 1e-4, wd 0.01)
     batch_size: int = 32  # global batch in images (over ranks and accumulation steps)
     grad_accum: int = 1  # micro-steps per optimizer step
     max_iters: int = 1000  # optimizer steps (the synthfaces default fits 10 CPU minutes)
-    learning_rate: float = 1e-3  # AdamW lr (after warmup, constant as in the paper)
+    learning_rate: float = 1e-3  # AdamW peak lr
     warmup_iters: int = 100  # linear warmup
+    cosine_decay: bool = False  # decay the lr to min_lr_ratio x peak (a cosine); False: constant, as in the paper
+    min_lr_ratio: float = 0.0  # the end of the cosine decay, as a fraction of the peak
     weight_decay: float = 0.01  # AdamW wd (no decay on norms, biases, embeddings, gains)
     beta2: float = 0.97  # AdamW beta2 (Infinity 0.97)
     grad_clip: float = 1.0  # grad-norm clip (0 = off)
@@ -271,14 +275,15 @@ def train_step(state, cfg, batch, template):
     use_short, drop = use_short < cfg.short_caption_prob, drop < cfg.cond_drop_prob
     bsc_gen = seeded_generator(cfg.seed, step, dist.rank, device=dist.device)  # Eq. (11) flips, per rank
     for group in state.opt.param_groups:
-        group["lr"] = lr_schedule(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cosine=False)
+        group["lr"] = lr_schedule(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio,
+                                  cfg.cosine_decay)
     loss_sum, tokens = 0.0, 0
     for m in range(cfg.grad_accum):
         lo = (m * dist.world_size + dist.rank) * micro  # position of this micro-batch in the global batch
         idx = batch[lo: lo + micro]
         x_in, labels = tok.bitwise_self_correction(target_latents(state, cfg, idx, template), schedule, cfg.bsc_p_max,
                                                    bsc_gen)  # Eq. (11)-(12)
-        refs = pick_references(state.records, state.pools, idx, ref_u[lo: lo + micro])
+        refs = pick_references(state.records, state.pools, idx, ref_u[lo: lo + micro], cfg.self_ref_prob)
         v_g, v_hf = reference_tokens(state, cfg, refs)
         texts = [state.records[i]["caption_short" if use_short[lo + j] else "caption_long"] for j, i in enumerate(idx)]
         ids = state.caption_tokenizer(texts, padding=True, truncation=True, max_length=cfg.text_maxlen,

@@ -2,7 +2,7 @@
 Train the BSQ-VAE tokenizer, or fine-tune a copy of it into HEAR's high-frequency face encoder (paper section 3.2).
 
   from scratch (CPU, synthfaces):  python train_tokenizer.py --preset=synthfaces
-  face encoder (Eq. 1-2):          python train_tokenizer.py --preset=synthfaces_face
+  face encoder (Eq. (1)-(2)):          python train_tokenizer.py --preset=synthfaces_face
   official VAE -> face encoder:    torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset=infinity_face \
                                      --init_from=infinity:weights/infinity_vae_d32reg.pth --data_dir=data/faces
   resume any run:                  python train_tokenizer.py --preset=... --init_from=resume
@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 import face_encoder as fe
 import tokenizer as tok
-from common import (UserError, autocast, cli, log, lr_schedule, rng_state, run_info, save_checkpoint,
-                    save_config, set_rng_state, setup_device)
+from checkpoint import rng_state, save_checkpoint, set_rng_state
+from common import UserError, autocast, cli, log, lr_schedule, run_info, save_config, setup_device
 from data.manifest import epoch_batches, load_example, read_manifest
 from metrics import evaluate_tokenizer
 from pipeline import load_tokenizer

@@ -107,14 +107,15 @@ def identity_pools(records):
     return pools
 
 
-def pick_references(records, pools, indices, u):
-    """One reference record per target: a random image of the target's identity (u (B,) uniform in [0, 1)), the
-    target itself only with probability 1/n, so the model cannot copy the target's expression or accessories
-    through the face tokens; identity comes from the reference, the scene from the prompt."""
+def pick_references(records, pools, indices, u, self_prob=0.0):
+    """One reference record per target, from u (B,) uniform in [0, 1): the target itself with probability self_prob,
+    else a random image of the target's identity (the target included, 1/n). Another image of the person keeps the
+    model from copying the target's expression or accessories through the face tokens (identity from the reference,
+    the scene from the prompt); the target itself is the easiest signal to learn identity transfer from."""
     refs = []
     for i, ui in zip(indices, u.tolist()):
         pool = pools[records[i].get("identity", f"#{i}")]
-        refs.append(pool[int(ui * len(pool))])
+        refs.append(i if ui < self_prob else pool[int((ui - self_prob) / (1 - self_prob) * len(pool))])
     return refs
 
 

@@ -1,5 +1,6 @@
-"""Shared test setup: CPU only, offline, 2 threads, fixed seeds."""
+"""Shared test setup: CPU only, offline, 2 threads (1 with OMP_NUM_THREADS=1), fixed seeds; numeric tolerances."""
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("OMP_NUM_THREADS") == "1" else 2)  # every check must hold at 1 and 2
 
 FIXTURES = os.environ.get("HEAR_FIXTURES", os.path.join(os.path.dirname(__file__), "fixtures", "infinity"))
 
@@ -32,6 +33,63 @@ def one_thread():
 def fixtures_dir():
     """Folder of the official-code parity fixtures (env HEAR_FIXTURES overrides)."""
     return FIXTURES
+
+
+# -----------------------------------------------------------------------------
+# Numeric tolerances, for every comparison of two fp32 computations of the same thing (ours vs the official code, a
+# KV cache vs a full forward, flex vs SDPA masks). Correct implementations differ only in the order they sum, and that
+# order changes with the CPU's kernels (vector width, blocking) and the thread count. A dot product of n terms is off
+# by about sqrt(n) * u times its scale (u = 2^-24, the fp32 unit roundoff; the roundings of a sum of terms of random
+# sign add up like a random walk, n * u is the worst case). Through a stack of `depth` such layers with normalisations
+# between them, each layer passes the relative error it receives on about unchanged and adds its own, so
+#     bar = u * sqrt(fan_in) * depth * gain * max |reference|
+# fan_in: the longest sum of one layer (conv C_in*k*k, linear in_features, attention the number of keys); depth: the
+# number of conv / linear layers (layer_stats); gain: a known amplification after the stack (CFG: |cfg| + |1 - cfg|).
+# Norm statistics are not counted: torch reduces them in cascades, whose error grows like log n. No safety factor:
+# the measured errors lie 10x (encoder, decoder) to 300x below their bars with 1 and 2 threads and every CPU kernel
+# set tried (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS from SSE4 to AVX2), and a layout error
+# (a wrong interpolation mode, a skipped norm, swapped channels) is an O(1) relative error, 10^4 times the bar
+# (test_tokenizer.py::test_decoder_bar_catches_layout_errors).
+# Bits, labels and sampled bits are held exact (torch.equal). Quantizer outputs of given features or bits are sums of K
+# per-scale area / trilinear resizes, each a sum over at most the H*W latent cells: quantizer_bar. They are not held
+# bit-exact: CPUs without AVX2 resize 1-2 ulps off (ATEN_CPU_CAPABILITY=default gives 1.2e-7 and 2.4e-7 here).
+U = 2.0**-24  # fp32 unit roundoff
+PARITY = {}  # tensor name -> (bar, max |ours - reference|, threads): every compared tensor, printed at the end (-s)
+
+
+def layer_stats(module):
+    """(depth, fan_in) of a conv / linear stack: its number of Conv2d / Linear layers, and their longest sum."""
+    layers = [m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return len(layers), max(m.weight[0].numel() for m in layers)
+
+
+def parity_bar(reference, depth, fan_in, gain=1.0):
+    """The tolerance of a tensor computed through `depth` layers summing up to `fan_in` terms (see above)."""
+    return U * math.sqrt(fan_in) * depth * gain * reference.abs().max().item()
+
+
+def quantizer_bar(reference, schedule):
+    """The tolerance of a quantizer output over a schedule [(h, w)] ending at the latent size (H, W) (see above)."""
+    H, W = schedule[-1]
+    return parity_bar(reference, len(schedule), H * W)
+
+
+def max_diff(name, ours, ref, bar):
+    """Record (bar, max |ours - ref|) under `name` and return the difference (shapes must agree exactly)."""
+    assert tuple(ours.shape) == tuple(ref.shape), f"{name}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
+    diff = (ours.double() - ref.double()).abs().max().item()
+    PARITY[name] = (bar, max(diff, PARITY.get(name, (0, 0.0))[1]), torch.get_num_threads())
+    return diff
+
+
+@pytest.fixture(scope="session", autouse=True)
+def parity_report():
+    yield
+    if PARITY:
+        print(f"\nparity (max abs diff against its bar; torch {torch.__version__}, "
+              f"{torch.backends.cpu.get_cpu_capability()}):\n  {'tensor':<40} {'bar':>9} {'measured':>9} threads")
+        for name, (bar, diff, threads) in PARITY.items():
+            print(f"  {name:<40} {bar:9.3g} {diff:9.3g} {threads:>7}")
 
 
 def write_manifest(folder, n_train=12, n_test=4, size=16, seed=0):
@@ -75,7 +133,7 @@ def write_tokenizer_ckpt(path, codebook_dim=8, seed=0):
     import dataclasses
 
     import tokenizer as tok
-    from common import save_checkpoint
+    from checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     cfg = tok.TokenizerConfig(base_ch=32, ch_mult=(1, 1), num_res_blocks=1, codebook_dim=codebook_dim, patch_size=2)

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from common import UserError, load_checkpoint, parse_config, save_checkpoint, save_config
+from common import UserError, parse_config, save_config
+from checkpoint import load_checkpoint, save_checkpoint
 
 
 @dataclasses.dataclass

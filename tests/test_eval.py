@@ -55,7 +55,7 @@ def test_generation_table_on_a_tiny_run(tiny_run, tmp_path):
     import json
 
     import train
-    from common import save_checkpoint
+    from checkpoint import save_checkpoint
     from data.synthfaces.judge import Judge
 
     data, tok_ckpt, face_ckpt = tiny_run

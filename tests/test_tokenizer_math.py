@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tokenizer as tok
+from conftest import parity_bar, quantizer_bar
 
 # [Infinity] dynamic_resolution.py, as tabulated in reference/infinity.md 1.5:
 # ratio -> ((1M pixels H, W), L at 1M, (0.25M pixels), L, (0.06M pixels), L); the inverse ratio swaps H and W.
@@ -68,9 +69,10 @@ def test_multiscale_bsq_properties():
     d, schedule = 16, tok.small_schedule(8, 8)
     f = torch.randn(3, d, 8, 8)
     q = tok.multiscale_bsq(f, schedule)
-    torch.testing.assert_close(q["residual"] + q["z"], f, atol=1e-5, rtol=0)
-    z = sum(tok.resample(c, (8, 8), "trilinear") for c in q["codes"])
-    torch.testing.assert_close(q["z"], z, atol=1e-6, rtol=0)
+    # residual and z each take one rounding per scale, the final sum one more (conftest: depth 2K + 1, no dot products)
+    bar = parity_bar(f.abs() + q["z"].abs(), 2 * len(schedule) + 1, 1)
+    torch.testing.assert_close(q["residual"] + q["z"], f, atol=bar, rtol=0)
+    assert torch.equal(q["z"], sum(tok.resample(c, (8, 8), "trilinear") for c in q["codes"]))  # same sums, same order
     assert len(q["bits"]) == len(q["codes"]) == len(q["inputs"]) == len(schedule)
     for (h, w), bits, codes, r in zip(schedule, q["bits"], q["codes"], q["inputs"]):
         assert bits.shape == (3, h, w, d) and bits.dtype == torch.uint8 and codes.shape == (3, d, h, w)
@@ -79,7 +81,9 @@ def test_multiscale_bsq_properties():
         torch.testing.assert_close(codes.permute(0, 2, 3, 1), tok.bits_to_codes(bits))
     # each scale explains part of the features: the residual norm shrinks from the input to the end
     assert q["residual"].norm() < f.norm()
-    torch.testing.assert_close(tok.bits_to_latent(q["bits"], schedule), q["z"], atol=1e-6, rtol=0)
+    # codes rebuilt from bits can differ from the quantizer's in the last ulp
+    bar = quantizer_bar(q["z"], schedule)
+    torch.testing.assert_close(tok.bits_to_latent(q["bits"], schedule), q["z"], atol=bar, rtol=0)
     assert tok.resample(f, (8, 8), "area") is f  # no-op at full size
     with pytest.raises(ValueError, match="must end at"):
         tok.multiscale_bsq(f, [(1, 1), (4, 4)])
@@ -172,7 +176,8 @@ def test_bsc_on_cuda_matches_cpu():
     schedule = tok.small_schedule(16, 16)
     x, labels = tok.bitwise_self_correction(f, schedule)
     xc, lc = tok.bitwise_self_correction(f.cuda(), schedule)
-    assert torch.equal(lc.cpu(), labels) and (xc.cpu() - x).abs().max() < 1e-6
+    assert torch.equal(lc.cpu(), labels)
+    assert (xc.cpu() - x).abs().max() <= quantizer_bar(x, schedule)
     for gen in (torch.Generator(), torch.Generator("cuda")):
         xg, lg = tok.bitwise_self_correction(f.cuda(), schedule, p_max=0.3, generator=gen.manual_seed(0))
         assert xg.is_cuda and lg.is_cuda

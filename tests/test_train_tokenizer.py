@@ -9,7 +9,8 @@ import torch
 
 import face_encoder as fe
 import train_tokenizer as tt
-from common import UserError, load_checkpoint, parse_config
+from common import UserError, parse_config
+from checkpoint import load_checkpoint
 
 
 def run(argv):

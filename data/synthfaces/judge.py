@@ -45,7 +45,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import face_detect as fd
-from common import UserError, cli, config_dict, load_checkpoint, log, lr_schedule, resolve_device, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from common import UserError, cli, config_dict, log, lr_schedule, resolve_device
 from data.manifest import read_manifest
 from data.synthfaces.captions import ATTRIBUTES
 
@@ -156,45 +157,35 @@ class FaceAttrNet(nn.Module):
         return {name: head(h) for name, head in self.heads.items()}
 
 
-class PlainIdNet(nn.Module):
-    """id_loss: VGG-style plain conv net. Face crop (B, 3, S, S) -> features (B, E) (not normalised)."""
+class IdNet(nn.Module):
+    """Identity embedder: conv features of the face crop (B, 3, S, S) -> (B, 8w, S/8, S/8) -> flatten -> dropout ->
+    Linear -> BatchNorm -> features (B, E) (not normalised). Flatten, not pool: where a mole or a brow sits is
+    identity. The two judges differ only in their `features` (plain_features / residual_features)."""
 
-    def __init__(self, size, embed_dim, width=16):
+    def __init__(self, features, size, embed_dim, width=16):
         super().__init__()
-        w = width
-        self.features = nn.Sequential(
-            conv_bn(3, w),  # (B, w, S, S)
+        self.features = nn.Sequential(*features, nn.Flatten())
+        self.embed = nn.Sequential(nn.Dropout(0.2), nn.Linear(8 * width * (size // 8) ** 2, embed_dim),
+                                   nn.BatchNorm1d(embed_dim))
+
+    def forward(self, x):
+        return self.embed(self.features(x))
+
+
+def plain_features(w):
+    """id_loss: VGG-style plain conv stack, (B, 3, S, S) -> (B, 8w, S/8, S/8)."""
+    return [conv_bn(3, w),  # (B, w, S, S)
             conv_bn(w, 2 * w, 2, k=4), conv_bn(2 * w, 2 * w),  # (B, 2w, S/2, S/2)
             conv_bn(2 * w, 4 * w, 2, k=4), conv_bn(4 * w, 4 * w),  # (B, 4w, S/4, S/4)
-            conv_bn(4 * w, 8 * w, 2, k=4),  # (B, 8w, S/8, S/8)
-            nn.Flatten(),
-        )
-        # flatten, not pool: where a mole or a brow sits is identity
-        self.embed = nn.Sequential(nn.Dropout(0.2), nn.Linear(8 * w * (size // 8) ** 2, embed_dim),
-                                   nn.BatchNorm1d(embed_dim))
-
-    def forward(self, x):
-        return self.embed(self.features(x))
+            conv_bn(4 * w, 8 * w, 2, k=4)]  # (B, 8w, S/8, S/8)
 
 
-class ResIdNet(nn.Module):
-    """id_eval: small ResNet (strided stem, three residual stages). Face crop (B, 3, S, S) -> features (B, E)."""
-
-    def __init__(self, size, embed_dim, width=16):
-        w = width
-        super().__init__()
-        self.features = nn.Sequential(
-            conv_bn(3, w + w // 2, 2, k=4),  # (B, 1.5w, S/2, S/2)
+def residual_features(w):
+    """id_eval: a small ResNet (strided stem, three residual stages), (B, 3, S, S) -> (B, 8w, S/8, S/8)."""
+    return [conv_bn(3, w + w // 2, 2, k=4),  # (B, 1.5w, S/2, S/2)
             ResBlock(w + w // 2, 3 * w),  # (B, 3w, S/2, S/2)
             ResBlock(3 * w, 6 * w, 2),  # (B, 6w, S/4, S/4)
-            ResBlock(6 * w, 8 * w, 2),  # (B, 8w, S/8, S/8)
-            nn.Flatten(),
-        )
-        self.embed = nn.Sequential(nn.Dropout(0.2), nn.Linear(8 * w * (size // 8) ** 2, embed_dim),
-                                   nn.BatchNorm1d(embed_dim))
-
-    def forward(self, x):
-        return self.embed(self.features(x))
+            ResBlock(6 * w, 8 * w, 2)]  # (B, 8w, S/8, S/8)
 
 
 class CosFaceHead(nn.Module):
@@ -232,8 +223,8 @@ class Judge(nn.Module):
         self.attributes = {k: list(v) for k, v in attributes.items()}
         self.scene = SceneNet(resolution, {k: self.attributes[k] for k in SCENE_ATTRIBUTES}, scene_width)
         self.face = FaceAttrNet(id_size, {k: self.attributes[k] for k in FACE_ATTRIBUTES}, id_width)
-        self.id_loss = PlainIdNet(id_size, embed_dim, id_width)
-        self.id_eval = ResIdNet(id_size, embed_dim, id_width)
+        self.id_loss = IdNet(plain_features(id_width), id_size, embed_dim, id_width)
+        self.id_eval = IdNet(residual_features(id_width), id_size, embed_dim, id_width)
         self.loss_head = CosFaceHead(embed_dim, n_ids)  # train-identity centres (for top-1 checks)
         self.eval_head = CosFaceHead(embed_dim, n_ids)
 

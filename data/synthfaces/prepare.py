@@ -542,8 +542,9 @@ def main(cfg):
                 counts=dict(train_ids=cfg.train_ids, test_ids=cfg.test_ids,
                             train_images=cfg.train_ids * cfg.train_images, test_images=cfg.test_ids * cfg.test_images),
                 attributes=ATTRIBUTES, vocab_size=tok.get_vocab_size(), max_caption_tokens=lengths, config=recorded)
-    with open(os.path.join(cfg.out_dir, "meta.json"), "w") as f:
-        f.write(json.dumps(meta, indent=1) + "\n")
+    with open(os.path.join(cfg.out_dir, "meta.json.tmp"), "w") as f:  # written last and atomically: the data is
+        f.write(json.dumps(meta, indent=1) + "\n")  # complete when meta.json exists (quickstart.py relies on it)
+    os.replace(os.path.join(cfg.out_dir, "meta.json.tmp"), os.path.join(cfg.out_dir, "meta.json"))
     log(f"wrote {cfg.out_dir}: {len(records)} images + crops, manifest.jsonl, tokenizer.json "
         f"(vocab {tok.get_vocab_size()}, max tokens {lengths}), meta.json, contact_sheet.png "
         f"({os.path.getsize(sheet_path) / 1024:.0f} KB) in {time.time() - t0:.1f}s")

@@ -1,0 +1,73 @@
+"""
+Checkpoints: atomic writes, weights-only reads with one-line errors, foreign state dicts (the official Infinity and
+VAE files), and the RNG state a resumed run restores. Every file this project writes loads with
+torch.load(weights_only=True): no pickled objects, so a checkpoint can never run code when it is read.
+"""
+
+import os
+
+import torch
+
+from common import UserError
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """Weights that do not fit a model (missing / unexpected / mis-shaped tensors, a foreign file); one line."""
+
+
+def save_checkpoint(obj, path):
+    """Atomic torch.save: write a temp file next to the target, then os.replace (never a half-written ckpt)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True) with a one-line error for a missing or foreign file."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, non-torch files
+        raise UserError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def read_state_dict(src, unwrap=()):
+    """A state dict from a dict, a .safetensors file or a torch.load(weights_only=True) file. The first `unwrap` key
+    that holds a dict is taken (official VAE files keep the weights under "vae", our training checkpoints under
+    "model"). A missing, truncated or foreign file raises CheckpointMismatchError with one line."""
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if not os.path.isfile(path):
+            raise CheckpointMismatchError(f"no such file: {path}")
+        try:
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file  # only needed for this format
+
+                src = load_file(path)
+            else:
+                src = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointMismatchError(f"cannot read {path} ({type(e).__name__}): not a .pth / .safetensors "
+                                          "state dict") from None
+    if not isinstance(src, dict):
+        raise CheckpointMismatchError(f"expected a state dict, got {type(src).__name__}")
+    for key in unwrap:
+        if isinstance(src.get(key), dict):
+            return dict(src[key])
+    return dict(src)
+
+
+def rng_state():
+    """All RNG states a resumed run needs (CPU and, when present, CUDA)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
