@@ -11,29 +11,35 @@ Evaluation on held-out identities (the "test" split; never seen in training). On
   photos      (Table 1, real photos): CLIP-T, CLIP-I, DINO, FaceSim, no-face rate, seconds per image, for every
               reference photo in --faces (one person each) x every prompt of --prompts:
                 python eval.py --what=photos --ckpt=out/hear_2b/ckpt.pt --faces=data/eval_faces --prompts=prompts.txt
+  per_scale   Fig. 8 as a number: FaceSim of the running sum of the first k scales decoded, k = 1..K:
+                python eval.py --what=per_scale --ckpt=out/hear/ckpt.pt --out=out/per_scale.md
+  strength    FaceSim and prompt adherence vs id_scale (--id_scales) and vs the first scale the high-frequency
+              adapter acts on (hf_from_scale = 0..K): python eval.py --what=strength --out=out/strength.md
   curves      train.py's metrics.jsonl -> loss and bit-accuracy curves PNG:
                 python eval.py --what=curves --metrics=out/hear/metrics.jsonl --out=curves.png
 
-Tables are printed as markdown (and written to --out when set). Generation is scored by the synthfaces judge's
-*evaluator* networks, never by the identity network the face encoder was trained against (metrics.py).
+Tables are printed as markdown (and written to --out when set, with their numbers in <out stem>.json for study.py).
+Generation is scored by the synthfaces judge's *evaluator* networks, never by the identity network the face encoder
+was trained against (metrics.py).
 """
 
 import dataclasses
+import json
 import os
 import time
 
 import torch
 
 from common import UserError, cli, log, run_info, setup_device
-from data.manifest import load_image, read_manifest
-from metrics import evaluate_tokenizer, judge_scores, summarize
+from data.manifest import geometry, load_image, read_manifest
+from metrics import evaluate_tokenizer, judge_scores, line_plot, per_scale_face_sim, summarize
 from pipeline import face_paths, generate, load_run, load_tokenizer, reference_crops
 
 
 @dataclasses.dataclass
 class Config:
     preset: str = "synthfaces"  # preset name
-    what: str = "tokenizer"  # tokenizer | generation | gallery | photos | curves
+    what: str = "tokenizer"  # tokenizer | generation | gallery | photos | per_scale | strength | curves
     data_dir: str = "data/synthfaces/out"  # manifest folder; the "test" split (held-out identities) is used
     judge: str = "data/synthfaces/out/judge.pt"  # the synthfaces judge ("" = no identity column for tokenizers)
     device: str = "auto"  # auto | cpu | cuda
@@ -49,6 +55,9 @@ class Config:
     guidance: float = 3.0  # CFG scale
     id_scale: float = 1.0  # lambda of Eq. (7)
     seed: int = 0  # sampling seed
+    hf_from_scale: int = 0  # the high-frequency adapter acts from this scale on (0: every scale; K: never)
+    # strength (also uses id_scale for its hf_from_scale curve)
+    id_scales: tuple = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # the id_scale values of the trade-off curve
     # gallery
     gallery_ids: int = 4  # held-out identities (rows)
     gallery_prompts: tuple = ("photo of a smiling person in a red shirt with a blue hat, large face in the center, "
@@ -79,6 +88,17 @@ def write_table(table, cfg):
     return table
 
 
+def write_json(numbers, cfg):
+    """The numbers of a table -> <out stem>.json (when --out is set), for study.py; written last and atomically, so
+    its presence marks a finished evaluation."""
+    if cfg.out:
+        path = os.path.splitext(cfg.out)[0] + ".json"
+        with open(path + ".tmp", "w") as f:
+            json.dump(numbers, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return numbers
+
+
 def load_judge_or_fail(cfg, device):
     from data.synthfaces.judge import load_judge
 
@@ -101,16 +121,20 @@ def eval_tokenizers(cfg, device):
     judge = load_judge_or_fail(cfg, device) if cfg.judge else None
     rows = ["| tokenizer | MSE (0-255) | SSIM | PSNR (dB) | face PSNR (dB) | ID sim | ceiling FaceSim | ceiling "
             "top-1 |", "|---|---|---|---|---|---|---|---|"]
+    numbers = {}
     for name, path in zip(names, paths):
         vae = load_tokenizer(path)[0].to(device)
-        m = evaluate_tokenizer(vae, records, cfg.image_size, device, judge)
+        m = numbers[name] = evaluate_tokenizer(vae, records, cfg.image_size, device, judge)
         judged = "- | - | -"  # ID sim (reconstruction vs original) and the ceiling's FaceSim and top-1 need the judge
         if judge:
-            judged = " | ".join(f"{v:.4f}" for v in (m["id_sim"], *tokenizer_ceiling(vae, judge, cfg, device)))
+            m["ceiling_face_sim"], m["ceiling_top1"] = tokenizer_ceiling(vae, judge, cfg, device)
+            judged = " | ".join(f"{m[k]:.4f}" for k in ("id_sim", "ceiling_face_sim", "ceiling_top1"))
         rows.append(f"| {name} | {m['mse']:.2f} | {m['ssim']:.4f} | {m['psnr']:.2f} | {m['face_psnr']:.2f} | "
                     f"{judged} |")
     log(f"held-out identities: {len(records)} images of {cfg.data_dir}")
-    return write_table("\n".join(rows), cfg)
+    table = write_table("\n".join(rows), cfg)
+    write_json({"rows": numbers, "images": len(records), "ckpts": paths}, cfg)
+    return table
 
 
 # -----------------------------------------------------------------------------
@@ -119,34 +143,12 @@ def eval_tokenizers(cfg, device):
 
 def plot_curves(metrics_path, png_path, width=640, height=300):
     """train.py metrics.jsonl -> PNG with the loss (left) and the bit accuracy per scale group (right). PIL only."""
-    import json
-
-    from PIL import Image, ImageDraw
-
     rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
     steps = [r["step"] for r in rows]
-    series = [("loss", [[r["loss"] for r in rows]], ["black"]),
-              ("bit accuracy: coarse / mid / fine", [[r["acc"][g] for r in rows] for g in range(3)],
-               ["tab:blue", "orange", "green"])]
-    img = Image.new("RGB", (width, height), "white")
-    draw, pw = ImageDraw.Draw(img), width // 2
-    for panel, (title, ys, colours) in enumerate(series):
-        x0, y0, x1, y1 = panel * pw + 45, 25, panel * pw + pw - 10, height - 30
-        lo, hi = min(min(y) for y in ys), max(max(y) for y in ys)
-        hi = hi if hi > lo else lo + 1e-6
-        draw.rectangle([x0, y0, x1, y1], outline="gray")
-        draw.text((x0, 5), title, fill="black")
-        for v, y in ((lo, y1), (hi, y0)):
-            draw.text((panel * pw + 2, y - 6), f"{v:.3f}", fill="black")
-        draw.text((x0, y1 + 5), f"step {steps[0]}", fill="black")
-        draw.text((x1 - 70, y1 + 5), f"step {steps[-1]}", fill="black")
-        for y, colour in zip(ys, colours):
-            span = max(1, steps[-1] - steps[0])
-            pts = [(x0 + (x1 - x0) * (s - steps[0]) / span, y1 - (y1 - y0) * (v - lo) / (hi - lo))
-                   for s, v in zip(steps, y)]
-            draw.line(pts, fill=colour.removeprefix("tab:"), width=2)
-    img.save(png_path)
-    return png_path
+    acc = [("", steps, [r["acc"][g] for r in rows], colour) for g, colour in enumerate(("blue", "orange", "green"))]
+    panels = [("loss", "step", [("", steps, [r["loss"] for r in rows], "black")]),
+              ("bit accuracy: coarse / mid / fine", "step", acc)]
+    return line_plot(panels, png_path, width, height)
 
 
 # -----------------------------------------------------------------------------
@@ -206,7 +208,8 @@ def eval_generation(cfg, device):
         other = torch.stack([load_image(pool[k % len(pool)]["path"], (size, size)) for k in range(len(recs))])
         real = torch.stack([load_image(r["path"], (size, size)) for r in recs]).to(device)
         t = time.time()
-        images = generate(run, prompts, crops, gen, cfg.guidance, id_scale=cfg.id_scale)[0]
+        images = generate(run, prompts, crops, gen, cfg.guidance, id_scale=cfg.id_scale,
+                          hf_from_scale=cfg.hf_from_scale)[0]
         seconds, n_img = seconds + time.time() - t, n_img + len(recs)
         null = generate(run, prompts, crops, gen, cfg.guidance, id_scale=cfg.id_scale, null_face=True)[0]
         for name, x in (("HEAR (face + prompt)", images), ("null face (prompt only)", null),
@@ -216,12 +219,15 @@ def eval_generation(cfg, device):
             for k, v in judge_scores(judge, x, ref_embs, own, attrs).items():
                 rows.setdefault(name, {}).setdefault(k, []).append(v.cpu())
     table = ["| images | FaceSim | identity top-1 | prompt adherence |", "|---|---|---|---|"]
-    for name, m in rows.items():
-        m = summarize(m)
+    means = {name: summarize(m) for name, m in rows.items()}
+    for name, m in means.items():
         table.append(f"| {name} | {m['face_sim']:.4f} | {m['top1']:.4f} | {m['prompt_acc']:.4f} |")
     table.append(f"\n{len(ids)} held-out identities x {cfg.prompts_per_identity} prompts, cfg {cfg.guidance}, "
                  f"top-1 chance {1 / len(ids):.3f}, {seconds / n_img:.3f} s per generated image (decoder included)")
-    return write_table("\n".join(table), cfg)
+    table = write_table("\n".join(table), cfg)
+    write_json({"rows": means, "identities": len(ids), "prompts_per_identity": cfg.prompts_per_identity,
+                "seconds_per_image": seconds / n_img, "ckpt": cfg.ckpt, "step": run.step}, cfg)
+    return table
 
 
 @torch.no_grad()
@@ -298,13 +304,84 @@ def eval_photos(cfg, device):
     return write_table("\n".join(table), cfg)
 
 
+# -----------------------------------------------------------------------------
+# Identity per scale (Fig. 8 as a number) and identity strength (study.py)
+
+
+def held_out_set(cfg, run, judge, device):
+    """-> (identity ids, {id: records}, reference crops (N, 3, S, S), their evaluator embeddings (N, E))."""
+    ids, by_id, refs = held_out_identities(cfg, run.config["face_size"], device)
+    return ids, by_id, refs, judge.embed(refs, "eval")
+
+
+@torch.no_grad()
+def score_setting(cfg, run, judge, held_out, per_scale=False, **knobs):
+    """Every held-out identity x prompt (those of eval_generation) generated with one sampling setting (knobs:
+    id_scale, hf_from_scale) and scored -> {metric: per-image values}, with per_scale also "per_scale" (K, images).
+    The generator restarts from --seed for every setting: settings differ only by their knobs."""
+    ids, by_id, refs, ref_embs = held_out
+    gen, out = torch.Generator(device=refs.device).manual_seed(cfg.seed), {}
+    for n, i in enumerate(ids):
+        recs = by_id[i][1: 1 + cfg.prompts_per_identity]
+        own, crops = torch.full((len(recs),), n, device=refs.device), refs[n: n + 1].expand(len(recs), -1, -1, -1)
+        images, sums = generate(run, [r["caption_short"] for r in recs], crops, gen, cfg.guidance, **knobs)
+        scores = judge_scores(judge, images, ref_embs, own, [r["attributes"] for r in recs])
+        if per_scale:
+            scores["per_scale"] = per_scale_face_sim(judge, run.vae.decode, sums, ref_embs, own)  # (K, B)
+        for k, v in scores.items():
+            out.setdefault(k, []).append(v.cpu())
+    return {k: torch.cat(v, dim=-1) for k, v in out.items()}
+
+
+def eval_per_scale(cfg, device):
+    """FaceSim of the running sum of the first k scales decoded, k = 1..K: the numbers behind the Fig. 8 strip."""
+    judge, run = load_judge_or_fail(cfg, device), load_run(cfg.ckpt, device)
+    s = score_setting(cfg, run, judge, held_out_set(cfg, run, judge, device), per_scale=True, id_scale=cfg.id_scale,
+                      hf_from_scale=cfg.hf_from_scale)
+    face_sim, n = s["per_scale"].mean(1).tolist(), s["per_scale"].shape[1]
+    table = ["| scales decoded (k) | FaceSim |", "|---|---|"]
+    table += [f"| {k} | {v:.4f} |" for k, v in enumerate(face_sim, 1)]
+    table.append(f"\n{cfg.ckpt} (step {run.step}), id_scale {cfg.id_scale}, hf_from_scale {cfg.hf_from_scale}, {n} "
+                 "images; k = K is the final image")
+    table = write_table("\n".join(table), cfg)
+    write_json({"k": list(range(1, len(face_sim) + 1)), "face_sim": face_sim, "images": n, "ckpt": cfg.ckpt,
+                "id_scale": cfg.id_scale, "hf_from_scale": cfg.hf_from_scale}, cfg)
+    return table
+
+
+def eval_strength(cfg, device):
+    """The identity-strength trade-off: FaceSim, top-1 and prompt adherence vs id_scale (the adapter on at every
+    scale) and vs hf_from_scale = 0..K (the adapter on from scale k, at --id_scale)."""
+    judge, run = load_judge_or_fail(cfg, device), load_run(cfg.ckpt, device)
+    held_out = held_out_set(cfg, run, judge, device)
+    K = len(geometry(run.config["pn"], run.config["image_size"], 1.0, run.vae.cfg.patch_size)[1])
+    curves = {"id_scale": [(v, dict(id_scale=v)) for v in cfg.id_scales],
+              "hf_from_scale": [(k, dict(id_scale=cfg.id_scale, hf_from_scale=k)) for k in range(K + 1)]}
+    numbers, table = {"num_scales": K, "ckpt": cfg.ckpt, "id_scale": cfg.id_scale}, []
+    for name, settings in curves.items():
+        numbers[name] = {"values": [v for v, _ in settings], "face_sim": [], "top1": [], "prompt_acc": []}
+        table += [f"| {name} | FaceSim | identity top-1 | prompt adherence |", "|---|---|---|---|"]
+        for v, knobs in settings:
+            m = {k: float(x.mean()) for k, x in score_setting(cfg, run, judge, held_out, **knobs).items()}
+            for k in ("face_sim", "top1", "prompt_acc"):
+                numbers[name][k].append(m[k])
+            table.append(f"| {v:g} | {m['face_sim']:.4f} | {m['top1']:.4f} | {m['prompt_acc']:.4f} |")
+        table.append("")
+    table.append(f"{cfg.ckpt} (step {run.step}): {len(held_out[0])} held-out identities x {cfg.prompts_per_identity} "
+                 f"prompts per setting, cfg {cfg.guidance}; hf_from_scale k: the adapter acts from scale k on at "
+                 f"id_scale {cfg.id_scale} (0: every scale, {K}: none)")
+    table = write_table("\n".join(table), cfg)
+    write_json(numbers, cfg)
+    return table
+
+
 def main(cfg):
     if cfg.what == "curves":
         return log(f"wrote {plot_curves(cfg.metrics, cfg.out or 'curves.png')}")
     modes = {"tokenizer": eval_tokenizers, "generation": eval_generation, "gallery": eval_gallery,
-             "photos": eval_photos}
+             "photos": eval_photos, "per_scale": eval_per_scale, "strength": eval_strength}
     if cfg.what not in modes:
-        raise UserError(f"--what={cfg.what!r}: choose tokenizer, generation, gallery, photos or curves")
+        raise UserError(f"--what={cfg.what!r}: choose {', '.join(modes)} or curves")
     device = setup_device(cfg.device).device
     log(run_info(device))
     return modes[cfg.what](cfg, device)

@@ -5,10 +5,12 @@ The metrics of the paper's tables, shared by eval.py (the tables) and train_toke
                             synthfaces the identity similarity of reconstruction and original
   generation (Table 1 / 3, synthfaces): FaceSim against the reference, identity top-1 retrieval, prompt adherence,
                             all through the synthfaces judge's *evaluator* networks (never the identity net the
-                            face encoder was trained against)
+                            face encoder was trained against); per scale (Fig. 8 as a number): FaceSim of the
+                            running sum of the first k scales decoded
   generation (Table 1, real photos): CLIP-T, CLIP-I (transformers CLIP, ViT-L/14 by default), DINO (DINO v1
                             ViT-S/16, the DreamBooth definition), FaceSim (a face_detect backend's identity embedding
                             of the largest face; 0 without a face), all x100 as the paper's Table 1 prints them
+  figures                   line_plot: PIL line charts (training curves, the study's per-scale and strength plots)
 
 References:
   [CLIPScore]  Hessel et al., arXiv:2104.08718; CLIP-T x100 as torchmetrics CLIPScore (which also clips at 0)
@@ -105,13 +107,27 @@ def judge_scores(judge, images, ref_embs, own, attrs):
     """Synthfaces generation scores of images (B, 3, H, W) of identities `own` (B,) against the reference embeddings
     (N, E) of all N identities: FaceSim to the own reference (the judge finds and crops the face, as a detector would
     in a real photo), top-1 retrieval among the N, and prompt adherence over the prompt's attributes (B dicts)."""
-    emb = judge.embed(judge.crop(images, judge.detect(images)), "eval")  # (B, E)
-    sims = emb @ ref_embs.T  # (B, N)
+    sims = face_embeddings(judge, images) @ ref_embs.T  # (B, N)
     logits = judge.classify(images)
     hits = [float(logits[a][b].argmax() == judge.attributes[a].index(v)) for b, at in enumerate(attrs)
             for a, v in at.items()]
     return {"face_sim": sims[torch.arange(len(own)), own], "top1": (sims.argmax(1) == own).float(),
             "prompt_acc": torch.tensor(hits)}
+
+
+def face_embeddings(judge, images):
+    """The judge's evaluator embedding of the face it detects and crops in each image (B, 3, H, W) -> (B, E)."""
+    return judge.embed(judge.crop(images, judge.detect(images)), "eval")
+
+
+@torch.no_grad()
+def per_scale_face_sim(judge, decode, per_scale, ref_embs, own):
+    """Fig. 8 as a number. per_scale: the running sums of the first k scales' codes [(B, d, H, W)] * K (what
+    model.generate returns), decode: latent -> images. Each sum is decoded and scored exactly as judge_scores scores
+    a final image (detect, crop, evaluator embedding, cosine with the own reference ref_embs[own]) -> FaceSim (K, B);
+    row K - 1 is the FaceSim of the final image."""
+    rows = torch.arange(len(own))
+    return torch.stack([(face_embeddings(judge, decode(z)) @ ref_embs.T)[rows, own] for z in per_scale])
 
 
 # -----------------------------------------------------------------------------
@@ -213,3 +229,42 @@ def face_sim(detector, images, ref_embeds):
         if faces:
             scores[b], found[b] = 100 * float(faces[0]["embedding"] @ ref_embeds[b]), True
     return scores, found
+
+
+# -----------------------------------------------------------------------------
+# Figures
+
+
+def line_plot(panels, path, width=640, height=300, cols=2):
+    """Line charts drawn with PIL (no plotting library): panels [(title, x name, [(legend, xs, ys, colour)])], `cols`
+    per row -> PNG at path. Each panel spans its own value range (written at the left edge); an x axis of at most 12
+    values gets a tick label per value (and a dot per point), a longer one its first and last value; legends go
+    top-left in their line's colour."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    draw, pw, ph = ImageDraw.Draw(img), width // cols, height // -(-len(panels) // cols)
+    for i, (title, x_name, lines) in enumerate(panels):
+        left, top = (i % cols) * pw, (i // cols) * ph
+        x0, y0, x1, y1 = left + 45, top + 25, left + pw - 10, top + ph - 30
+        xs = sorted({x for line in lines for x in line[1]})
+        lo, hi = min(min(line[2]) for line in lines), max(max(line[2]) for line in lines)
+        hi, span = (hi if hi > lo else lo + 1e-6), max(xs[-1] - xs[0], 1e-12)
+        draw.rectangle([x0, y0, x1, y1], outline="gray")
+        draw.text((x0, top + 5), title, fill="black")
+        for v, y in ((lo, y1), (hi, y0)):
+            draw.text((left + 2, y - 6), f"{v:.3f}", fill="black")
+        ticks = [(x, f"{x:g}") for x in xs] if len(xs) <= 12 else [(xs[0], f"{x_name} {xs[0]:g}"),
+                                                                 (xs[-1], f"{x_name} {xs[-1]:g}")]
+        for x, label in ticks:
+            px = x0 + (x1 - x0) * (x - xs[0]) / span
+            draw.text((min(px - 3 * len(label), x1 - 6 * len(label)), y1 + 5), label, fill="black")
+        for j, (legend, lx, ly, colour) in enumerate(lines):
+            pts = [(x0 + (x1 - x0) * (x - xs[0]) / span, y1 - (y1 - y0) * (y - lo) / (hi - lo)) for x, y in zip(lx, ly)]
+            draw.line(pts, fill=colour, width=2)
+            for px, py in pts if len(xs) <= 12 else []:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+            if legend:
+                draw.text((x0 + 6, y0 + 4 + 12 * j), legend, fill=colour)
+    img.save(path)
+    return path

@@ -5,6 +5,8 @@ Generate a person from a face photo and a prompt with a trained HEAR checkpoint.
       --prompt="a smiling person with a red hat in front of a blue wall" --num_samples=4
   real photos:  python sample.py --preset=infinity_2b --ckpt=out/hear_2b/ckpt.pt --face=me.jpg --prompt="..."
   several photos of one person:  --face=a.jpg,b.jpg,c.jpg  or  --face=<folder>  (combined as --face_combine)
+  identity strength:  --id_scale (lambda of Eq. (7)) and --hf_from_scale=k (the high-frequency adapter acts only from
+      scale k on, like the start-step knobs of PuLID and InfiniteYou); their trade-off curves: study.py --parts=strength
 
 Writes <out> (the reference crops, then num_samples images) and, with --per_scale=True, <out stem>_scales.png: the
 running sum of the first k scales decoded, k = 1..K (the paper's Fig. 8 strip; identity detail arrives with the late
@@ -38,6 +40,7 @@ class Config:
     top_k: int = 900  # top-k on the 2-way bit logits (a no-op >= 2, kept for parity with the official sampler)
     top_p: float = 0.97  # top-p on the bit logits
     id_scale: float = 1.0  # lambda of Eq. (7): strength of the high-frequency adapter
+    hf_from_scale: int = 0  # the high-frequency adapter acts from this scale on (0: every scale; K or more: never)
     h_div_w: float = 1.0  # aspect ratio (height / width) for presets with official aspect templates
     seed: int = 0  # sampling seed
     per_scale: bool = False  # also write the per-scale strip (Fig. 8)
@@ -85,9 +88,9 @@ def main(cfg):
     crops = reference_crop(cfg, run.config["face_size"], crop_scale, device)  # (R, 3, S, S)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     images, per_scale = generate(run, [cfg.prompt] * cfg.num_samples, crops[None], generator, cfg.cfg, cfg.tau,
-                                 cfg.top_k, cfg.top_p, cfg.id_scale, negative_prompt=cfg.negative_prompt,
-                                 h_div_w=cfg.h_div_w, face_combine=cfg.face_combine,
-                                 offload_text_encoder=cfg.offload_text_encoder)
+                                 cfg.top_k, cfg.top_p, cfg.id_scale, cfg.hf_from_scale,
+                                 negative_prompt=cfg.negative_prompt, h_div_w=cfg.h_div_w,
+                                 face_combine=cfg.face_combine, offload_text_encoder=cfg.offload_text_encoder)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     tiles = [fit(c, images.shape[-2:]) for c in crops] + list(images)  # reference crops shown at the image size
     torchvision.utils.save_image(torch.stack(tiles).add(1).div(2), cfg.out, nrow=len(tiles))

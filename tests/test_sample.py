@@ -1,4 +1,5 @@
-"""sample.py on a tiny trained checkpoint: output files, determinism, the id_scale knob, one-line errors."""
+"""sample.py on a tiny trained checkpoint: output files, determinism, the id_scale and hf_from_scale knobs, one-line
+errors."""
 
 import os
 
@@ -54,6 +55,20 @@ def test_sampling_is_seeded_and_id_scale_is_a_knob(tiny_ckpt, tmp_path):
     a, b = images(0), images(0)
     assert torch.equal(a, b)
     assert not torch.equal(images(0, id_scale=0.0), images(0, id_scale=5.0))
+
+
+def test_hf_from_scale_past_the_last_scale_is_id_scale_zero(tiny_ckpt, tmp_path):
+    """The adapter switched off at every scale (hf_from_scale beyond the K scales) samples exactly what id_scale 0
+    samples; from scale 0 it is the plain id_scale knob, which changes the images."""
+    ckpt, face = tiny_ckpt
+    pixels = {}
+    for name, flags in (("off", ["--id_scale=0"]), ("late", ["--id_scale=5", "--hf_from_scale=99"]),
+                        ("on", ["--id_scale=5", "--hf_from_scale=0"])):
+        os.makedirs(tmp_path / name)
+        run(ckpt, face, tmp_path / name, *flags)
+        pixels[name] = torch.tensor(list(Image.open(tmp_path / name / "s.png").getdata()))
+    assert torch.equal(pixels["late"], pixels["off"])
+    assert not torch.equal(pixels["on"], pixels["off"])
 
 
 def test_bad_inputs(tiny_ckpt, tmp_path):

@@ -1,0 +1,261 @@
+"""
+The paper's evidence at synthfaces scale in one command: Table 3 (the identity paths, trained over seeds), Fig. 8 as a
+number (FaceSim per scale), the identity-strength curves and Table 4 (the face encoder's losses, its face tokens
+downstream). It reuses the quick start's data, judge, tokenizer and face encoder (python quickstart.py first); a
+rerun skips finished outputs and resumes a partial training run. The parts and outputs: README_study.md.
+
+  python study.py                                    # every part, under out/study
+  python study.py --parts=table3,per_scale --seeds=3 # parts: table3, per_scale, strength, table4
+  python study.py --preset=tiny                      # toy sizes (after python quickstart.py --preset=tiny)
+
+Every command is one a user would type (its log: <out_dir>/logs/). study.json records each with its wall and CPU
+time (of the child process), the commit, the machine and the total CPU time.
+"""
+
+import collections
+import dataclasses
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from checkpoint import load_checkpoint
+from common import UserError, cli, config_dict, log, run_info
+from metrics import line_plot
+
+ROOT = os.path.dirname(os.path.abspath(__file__))  # the commands run from the repository root
+
+
+@dataclasses.dataclass
+class Config:
+    preset: str = "synthfaces"  # synthfaces (the quick start's sizes) | tiny (toy sizes, a smoke test)
+    parts: str = "table3,per_scale,strength,table4"  # comma-separated parts to run
+    seeds: int = 3  # training seeds of every trained variant
+    data_dir: str = "data/synthfaces/out"  # the quick start's synthfaces data and its judge.pt
+    tokenizer_ckpt: str = "out/tokenizer/ckpt.pt"  # the quick start's generation tokenizer
+    face_encoder_ckpt: str = "out/face_encoder/ckpt.pt"  # the quick start's face encoder
+    out_dir: str = "out/study"  # runs, tables, plots, logs and study.json
+    device: str = "auto"  # auto | cpu | cuda (passed to every command)
+
+
+PRESETS = {"synthfaces": {}, "tiny": {"seeds": 2, "data_dir": "out/quickstart_tiny/data", "out_dir": "out/study_tiny",
+                                      "tokenizer_ckpt": "out/quickstart_tiny/tokenizer/ckpt.pt",
+                                      "face_encoder_ckpt": "out/quickstart_tiny/face_encoder/ckpt.pt"}}
+SIZES = {  # per study preset: the train.py preset, the face encoder's flags and the eval.py flags of the quick start
+    "synthfaces": dict(train="synthfaces", face=["--preset=synthfaces_face"], eval=[]),
+    "tiny": dict(train="tiny", face=["--preset=tiny", "--face_mask=True", "--id_weight=0.1", "--id_net=judge"],
+                 eval=["--image_size=16", "--max_images=16", "--prompts_per_identity=1"]),
+}
+PARTS = ("table3", "per_scale", "strength", "table4")
+# Table 3 rows: the text-only baseline, then the paper's order -> (row label, use_global_face, use_hf_adapter)
+VARIANTS = {"text_only": ("text only (no face)", False, False),
+            "no_hf": ("w/o high-frequency adapter (global face tokens only)", True, False),
+            "no_global": ("w/o global face tokens (high-frequency adapter only)", False, True),
+            "full": ("HEAR (both identity paths)", True, True)}
+# Table 4 rows: (label, folder under table4/, flags on top of the face preset) or (label, a quick-start Config field)
+TOKENIZERS = [("generation tokenizer (no fine-tune)", "tokenizer_ckpt"),
+              ("plain fine-tune (same budget)", "tok_plain", ["--face_mask=False", "--id_weight=0"]),
+              ("HEAR face encoder (Eq. 1-2)", "face_encoder_ckpt"), ("w/o VQ loss", "tok_no_vq", ["--vq_weight=0"]),
+              ("w/o identity loss", "tok_no_id", ["--id_weight=0"]),
+              ("w/o face mask (alpha=1)", "tok_no_mask", ["--face_alpha=1"])]
+# Table 4 downstream rows: (label, variant, face tokens of: the face encoder | the generation tokenizer)
+TABLE4_RUNS = [("HEAR, face tokens of the generation tokenizer", "full", "tokenizer"),
+               ("HEAR, face tokens of the face encoder", "full", "face_encoder")]
+# per_scale curves: name -> (variant, eval.py flags, legend, colour)
+PER_SCALE = {"full": ("full", [], "HEAR", "green"), "no_hf": ("no_hf", [], "w/o adapter", "orange"),
+             "full_id_scale_0": ("full", ["--id_scale=0"], "HEAR, id_scale 0", "blue")}
+METRICS = (("face_sim", "FaceSim"), ("top1", "identity top-1"), ("prompt_acc", "prompt adherence"))
+Step = collections.namedtuple("Step", "part name argv output")  # output: the file that marks the command done
+
+
+def run_dir(cfg, variant, seed, faces="face_encoder"):
+    """A trained run's folder (face tokens of the face encoder: table3/, of another tokenizer: table4/)."""
+    return f"{cfg.out_dir}/" + (f"table3/{variant}_s{seed}" if faces == "face_encoder" else
+                                f"table4/{variant}_{faces}_faces_s{seed}")
+
+
+def commands(cfg):
+    """Every command of the selected parts, in order, each output once -> [Step]."""
+    if any(p not in PARTS for p in cfg.parts.split(",")) or cfg.preset not in SIZES or cfg.seeds < 1:
+        raise UserError(f"--parts={cfg.parts!r} --preset={cfg.preset!r} --seeds={cfg.seeds}: parts from "
+                        f"{','.join(PARTS)}, preset {' or '.join(SIZES)}, seeds >= 1")
+    size, d, out = SIZES[cfg.preset], cfg.data_dir, cfg.out_dir
+
+    def script(name, *args):
+        return [sys.executable, name, *args, f"--device={cfg.device}"]
+
+    def evaluate(part, name, what, table, *flags):  # table: the .md path without .md; its numbers: <table>.json
+        return Step(part, name, script("eval.py", f"--what={what}", f"--out={table}.md", f"--data_dir={d}",
+                                       f"--judge={d}/judge.pt", *size["eval"], *flags), table + ".json")
+
+    def train(part, variant, seed, faces="face_encoder"):  # one variant, with the quick start's train.py recipe
+        run, (_, use_global, use_hf) = run_dir(cfg, variant, seed, faces), VARIANTS[variant]
+        face_ckpt = cfg.face_encoder_ckpt if faces == "face_encoder" else cfg.tokenizer_ckpt
+        argv = script("train.py", f"--preset={size['train']}", f"--data_dir={d}", f"--out_dir={run}", f"--seed={seed}",
+                      f"--tokenizer_ckpt={cfg.tokenizer_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
+                      f"--use_global_face={use_global}", f"--use_hf_adapter={use_hf}")
+        return Step(part, f"train {os.path.basename(run)}", argv, f"{run}/ckpt.pt")
+
+    def hear(part, variant, seed, faces="face_encoder"):  # train it, then score it with eval.py --what=generation
+        run = run_dir(cfg, variant, seed, faces)
+        return [train(part, variant, seed, faces), evaluate(part, f"eval {os.path.basename(run)}", "generation",
+                                                            f"{run}/generation", f"--ckpt={run}/ckpt.pt")]
+
+    def tokenizer(folder, flags):  # a face-encoder variant: the quick start's face-encoder recipe + its switches
+        run = f"{out}/table4/{folder}"
+        argv = script("train_tokenizer.py", *size["face"], f"--data_dir={d}", f"--out_dir={run}",
+                      f"--init_from={cfg.tokenizer_ckpt}", *flags)
+        return Step("table4", f"tokenizer {folder}", argv, f"{run}/ckpt.pt")
+
+    steps = {"table3": [s for v in VARIANTS for seed in range(cfg.seeds) for s in hear("table3", v, seed)]}
+    steps["per_scale"] = [train("per_scale", "full", 0), train("per_scale", "no_hf", 0)]
+    steps["per_scale"] += [evaluate("per_scale", f"per_scale {n}", "per_scale", f"{out}/per_scale/{n}",
+                                    f"--ckpt={run_dir(cfg, v, 0)}/ckpt.pt", *flags)
+                           for n, (v, flags, _, _) in PER_SCALE.items()]
+    steps["strength"] = [train("strength", "full", 0), evaluate("strength", "strength", "strength",
+                                                                f"{out}/strength/strength",
+                                                                f"--ckpt={run_dir(cfg, 'full', 0)}/ckpt.pt")]
+    variants = [tokenizer(folder, flags[0]) for _, folder, *flags in TOKENIZERS if flags]
+    ckpts = [f"{out}/table4/{folder}/ckpt.pt" if flags else getattr(cfg, folder) for _, folder, *flags in TOKENIZERS]
+    steps["table4"] = variants + [evaluate("table4", "tokenizer table", "tokenizer", f"{out}/table4/tokenizers",
+                                           f"--ckpts={','.join(ckpts)}",
+                                           f"--names={','.join(t[0] for t in TOKENIZERS)}")]
+    for seed in range(cfg.seeds):
+        steps["table4"] += [s for _, variant, faces in TABLE4_RUNS for s in hear("table4", variant, seed, faces)]
+    chosen, seen = [], set()
+    for step in (s for p in cfg.parts.split(",") for s in steps[p]):
+        if step.output not in seen:
+            chosen.append(step)
+            seen.add(step.output)
+    return chosen
+
+
+def run_step(step, record, log_dir):
+    """Run one command unless its output is complete (a checkpoint short of its max_iters resumes); add its times to
+    record."""
+    ckpt = load_checkpoint(step.output) if step.output.endswith("ckpt.pt") and os.path.isfile(step.output) else None
+    partial = ckpt is not None and ckpt["step"] < ckpt["config"]["max_iters"]
+    if os.path.isfile(step.output) and not partial:
+        return log(f"  done already: {step.output}")
+    argv = step.argv + (["--init_from=resume"] if partial else [])
+    path = os.path.join(log_dir, step.name.replace(" ", "_") + ".log")
+    t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(path, "w") as f:
+        f.write(shlex.join(argv) + "\n")
+        f.flush()
+        code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    cpu1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.time() - t0
+    if code != 0:
+        print("\n".join(open(path).read().splitlines()[-15:]))
+        raise UserError(f"'{step.name}' failed (exit {code}); its log: {path}; fix and rerun python study.py")
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)  # each difference >= 0 exactly
+    entry = record["commands"].setdefault(step.output, {"part": step.part, "wall_s": 0.0, "cpu_s": 0.0})
+    entry.update(command=shlex.join(["python"] + argv[1:]), wall_s=entry["wall_s"] + wall, cpu_s=entry["cpu_s"] + cpu)
+    log(f"  {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU: {entry['command']}")
+
+
+def machine():
+    """CPU model (/proc/cpuinfo), cores, threads, torch and Python versions."""
+    cpu = platform.processor()
+    if os.path.isfile("/proc/cpuinfo"):
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def seed_table(groups):
+    """{row label: [per-seed {metric: value}]} -> (markdown rows: mean ± sample std (n - 1; 0 for one seed) and the
+    number of seeds, {label: {metric: {mean, std, values}}}). Labels without runs are left out."""
+    rows, numbers = ["| model | " + " | ".join(n for _, n in METRICS) + " | seeds |", "|---" * 5 + "|"], {}
+    for label, runs in ((label, runs) for label, runs in groups.items() if runs):
+        values = {key: [r[key] for r in runs] for key, _ in METRICS}
+        numbers[label] = {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                              "values": v} for k, v in values.items()}
+        cells = [f"{numbers[label][k]['mean']:.4f} ± {numbers[label][k]['std']:.4f}" for k, _ in METRICS]
+        rows.append(f"| {label} | {' | '.join(cells)} | {len(runs)} |")
+    return rows, numbers
+
+
+def write_tables(cfg, record, part, runs, head=""):
+    """runs [(label, variant, faces)] -> <part>.md (head, then the seed table of the "HEAR (face + prompt)" rows of
+    each run's generation.json) and <part>.json (the numbers; the commands of the part and of its runs, with their
+    CPU time and its total; commit; machine)."""
+    dirs = {label: [run_dir(cfg, variant, s, faces) for s in range(cfg.seeds)] for label, variant, faces in runs}
+    rows, numbers = seed_table({label: [json.load(open(f"{d}/generation.json"))["rows"]["HEAR (face + prompt)"]
+                                        for d in ds if os.path.isfile(f"{d}/generation.json")]
+                                for label, ds in dirs.items()})
+    write(cfg, f"{part}.md", head + "\n".join(rows) + "\n\nmean ± sample std over training seeds (eval.py "
+          "--what=generation on the held-out identities); commands, CPU time, commit and machine: " + f"{part}.json")
+    own = {d for ds in dirs.values() for d in ds}
+    commands = {o: e for o, e in record["commands"].items() if e["part"] == part or os.path.dirname(o) in own}
+    numbers = {k: record[k] for k in ("commit", "machine", "study_command")} | {
+        "cpu_s": sum(e["cpu_s"] for e in commands.values()), "commands": commands, "rows": numbers}
+    write(cfg, f"{part}.json", json.dumps(numbers, indent=1))
+
+
+def write_plots(cfg, chosen):
+    """per_scale.png: FaceSim vs k of the PER_SCALE curves (their numbers: per_scale/<name>.md); strength.png: FaceSim
+    (top) and prompt adherence (bottom) vs id_scale (left) and hf_from_scale (right) (numbers: strength/strength.md)."""
+    if "per_scale" in chosen:
+        curves = {n: json.load(open(f"{cfg.out_dir}/per_scale/{n}.json"))["face_sim"] for n in PER_SCALE}
+        ks = list(range(1, len(curves["full"]) + 1))
+        lines = [(legend, ks, curves[n], colour) for n, (_, _, legend, colour) in PER_SCALE.items()]
+        line_plot([("FaceSim of the first k scales decoded", "k", lines)], f"{cfg.out_dir}/per_scale.png", 420, 300, 1)
+    if "strength" in chosen:
+        s = json.load(open(f"{cfg.out_dir}/strength/strength.json"))
+        panels = [(f"{title} vs {x}", x, [("", s[x]["values"], s[x][k], colour)]) for k, title, colour in
+                  (("face_sim", "FaceSim", "green"), ("prompt_acc", "prompt adherence", "blue"))
+                  for x in ("id_scale", "hf_from_scale")]
+        line_plot(panels, f"{cfg.out_dir}/strength.png", 640, 480, 2)
+
+
+def write(cfg, name, text):
+    """A text file under out_dir."""
+    with open(os.path.join(cfg.out_dir, name), "w") as f:
+        f.write(text + "\n")
+
+
+def main(cfg):
+    todo = commands(cfg)
+    missing = [p for p in (f"{cfg.data_dir}/judge.pt", cfg.tokenizer_ckpt, cfg.face_encoder_ckpt)
+               if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"{', '.join(missing)} not found: run python quickstart.py --preset={cfg.preset} first")
+    os.makedirs(os.path.join(cfg.out_dir, "logs"), exist_ok=True)
+    path = os.path.join(cfg.out_dir, "study.json")
+    record = json.load(open(path)) if os.path.isfile(path) else {"commands": {}}  # a rerun adds to the earlier times
+    flags = [f"--{k}={v}" for k, v in config_dict(cfg).items() if k == "preset" or v != getattr(Config(), k)]
+    record.update(commit=run_info("cpu").split(" | ")[0].removeprefix("commit "), machine=machine(),
+                  study_command=shlex.join(["python", "study.py", *flags]))
+    for i, step in enumerate(todo):
+        log(f"[{i + 1}/{len(todo)}] {step.name}")
+        run_step(step, record, os.path.join(cfg.out_dir, "logs"))
+        save_record(cfg, record)  # after every command: a killed study keeps the times of the finished ones
+    save_record(cfg, record)
+    chosen = cfg.parts.split(",")
+    if "table3" in chosen:
+        write_tables(cfg, record, "table3", [(v[0], k, "face_encoder") for k, v in VARIANTS.items()])
+    write_plots(cfg, chosen)
+    if "table4" in chosen:
+        head = open(f"{cfg.out_dir}/table4/tokenizers.md").read().strip() + "\n\n"
+        write_tables(cfg, record, "table4", TABLE4_RUNS, head)
+    log(f"study: {record['total_cpu_s'] / 3600:.2f} CPU hours over all its commands; outputs in {cfg.out_dir}")
+    return record
+
+
+def save_record(cfg, record):
+    """study.json with the totals over every command run so far (by this and earlier invocations)."""
+    for key in ("cpu_s", "wall_s"):
+        record[f"total_{key}"] = sum(e[key] for e in record["commands"].values())
+    write(cfg, "study.json", json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    cli(main, Config, PRESETS)
