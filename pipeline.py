@@ -16,8 +16,10 @@ The assembled HEAR system, shared by train.py, sample.py, eval.py and bench.py:
 
 import dataclasses
 import os
+import tempfile
 
 import torch
+from PIL import Image
 from torch import nn
 
 import face_detect as fd
@@ -217,6 +219,37 @@ def check_prompt(run, prompt, name="--prompt"):
     if n > maxlen:
         log(f"warning: {name} is {n} tokens long ({len(prompt)} characters); kept the first {maxlen} tokens "
             "(this checkpoint's text_maxlen)")
+
+
+def check_output(path, image=True):
+    """Before any work: --out is not a folder, its folder can be written (created if needed) and, for an image, its
+    extension names a format PIL writes. -> the PIL format name (image) or None."""
+    if os.path.isdir(path):
+        raise UserError(f"--out={path} is a folder; give a file name, e.g. {os.path.join(path, 'sample.png')}")
+    folder, ext = os.path.dirname(os.path.abspath(path)), os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if image and fmt not in Image.SAVE:
+        raise UserError(f"--out={path}: {ext or 'no extension'} is not an image format PIL writes; use .png or .jpg")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"--out={path}: cannot write in {folder} ({e.strerror}); choose another --out") from None
+    return fmt if image else None
+
+
+def save_image(images, path, nrow):
+    """torchvision.utils.save_image of images (N, 3, H, W) in [0, 1] to a temp file next to `path`, then renamed:
+    an interrupted run never leaves a half-written image."""
+    import torchvision
+
+    fmt, tmp = Image.registered_extensions()[os.path.splitext(path)[1].lower()], f"{path}.tmp{os.getpid()}"
+    try:
+        torchvision.utils.save_image(images, tmp, nrow=nrow, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def face_conditions(hear, face_enc, global_enc, crops, hf_first_scale, combine="mean"):
