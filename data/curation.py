@@ -189,8 +189,8 @@ def load_rgb(path, max_side=0):
     """-> (upright RGB image (open_rgb) shrunk so its longer side is <= max_side when max_side > 0, scale factor
     applied), or (None, 0) for a file that cannot be read any more (the caller drops it)."""
     try:
-        w = image_size(path)[0]
         img = open_rgb(path, (max_side, max_side) if max_side else None)  # JPEG: decoded at a reduced size directly
+        w = image_size(path)[0]  # the upright width before any reduction
     except (OSError, UserError):
         return None, 0.0
     s = min(1.0, max_side / max(img.size)) if max_side else 1.0
