@@ -202,9 +202,10 @@ def reference_crops(paths, detector, size, crop_scale, hf_sides=None):
         side = round(scale * float(max(box[0, 2] - box[0, 0], box[0, 3] - box[0, 1])))  # the crop in photo pixels
         empty = [k for k, px in (hf_sides or {}).items() if px > side]
         if empty:
+            which = f"scale {empty[0]} is" if len(empty) == 1 else f"scales {empty[0]}-{empty[-1]} are"
             log(f"warning: the face in {path} is {int(box[0, 2] - box[0, 0])}x{int(box[0, 3] - box[0, 1])} px (a "
-                f"{side} px crop, upscaled to {size}): high-frequency scales {empty[0]}-{empty[-1]} are finer than "
-                "the photo and carry none of its detail; a photo with a larger face keeps more identity")
+                f"{side} px crop, upscaled to {size}): high-frequency {which} finer than the photo, without detail of "
+                "its own; a photo with a larger face keeps more identity")
         crops.append(fd.square_crop(image[None], box, scale, size))
         faces.append(face)
     return torch.cat(crops), faces
