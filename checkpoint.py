@@ -34,14 +34,15 @@ def load_checkpoint(path, map_location="cpu"):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise UserError(f"{path} is not a checkpoint (a damaged or foreign pickle); use the file training "
-                            "wrote") from None
+        if "Unsupported global" not in str(e):  # code needs a global (a function or class) to call
+            raise UserError(f"{path} is not a loadable checkpoint (a damaged or foreign pickle); use the file "
+                            "training wrote") from None
         raise UserError(f"{path} holds pickled objects other than tensors, which could run code: refused (read "
                         "with weights_only=True, nothing in it ran); use a checkpoint this project wrote") from None
     except Exception as e:  # truncated files, non-torch files
-        raise UserError(f"{path} is truncated or not a checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]}); use an intact copy of the file training wrote") from None
+        first = str(e).splitlines()[0].split(". ")[0][:120]  # torch's first sentence
+        raise UserError(f"{path} is truncated or not a loadable checkpoint ({type(e).__name__}: {first}); use an "
+                        "intact copy of the file training wrote") from None
 
 
 def read_state_dict(src, unwrap=()):

@@ -166,7 +166,7 @@ def test_bad_checkpoints(tiny, tmp_path):
         sample_main(tok_ckpt, face, out)
     data = open(ckpt, "rb").read()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="cut.pt is truncated or not a checkpoint"):
+    with pytest.raises(UserError, match="cut.pt is truncated or not a loadable checkpoint"):
         sample_main(tmp_path / "cut.pt", face, out)
     full = torch.load(ckpt, weights_only=True)
     edited = {**full, "ema": None, "model": {**full["model"], "word_embed.weight": torch.zeros(3, 3)}}
