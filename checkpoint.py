@@ -5,6 +5,8 @@ torch.load(weights_only=True): no pickled objects, so a checkpoint can never run
 """
 
 import os
+import pickle
+import warnings
 
 import torch
 
@@ -28,9 +30,19 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, non-torch files
-        raise UserError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        with warnings.catch_warnings():  # torch warns (several lines) about pickle protocols it did not write
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # code needs a global (a function or class) to call
+            raise UserError(f"{path} is not a loadable checkpoint (a damaged or foreign pickle); use the file "
+                            "training wrote") from None
+        raise UserError(f"{path} holds pickled objects other than tensors, which could run code: refused (read "
+                        "with weights_only=True, nothing in it ran); use a checkpoint this project wrote") from None
+    except Exception as e:  # truncated files, non-torch files
+        first = str(e).splitlines()[0].split(". ")[0][:120]  # torch's first sentence
+        raise UserError(f"{path} is truncated or not a loadable checkpoint ({type(e).__name__}: {first}); use an "
+                        "intact copy of the file training wrote") from None
 
 
 def read_state_dict(src, unwrap=()):

@@ -44,7 +44,11 @@ def _coerce(name, value, annotation):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            value = float(value)  # refused just below, with the reason
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"--{name}={value}: not a finite number")
             return float(value)
     elif annotation is str:
         return str(value)
@@ -70,6 +74,9 @@ def parse_config(config_cls, presets, argv=None):
     hints = typing.get_type_hints(config_cls)
     overrides, preset = {}, None
     for arg in argv:
+        if any("\udc80" <= c <= "\udcff" for c in arg):  # bytes that are not UTF-8 (sys.argv keeps them as surrogates)
+            raise UserError(f"argument {arg.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8; pass UTF-8 text "
+                            "(check the terminal's encoding, e.g. LANG=C.UTF-8)")
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"argument {arg!r} is not of the form --key=value (see the script docstring)")
         key, raw = arg[2:].split("=", 1)

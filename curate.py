@@ -193,9 +193,7 @@ def require(cfg, run, stages, everyone):
 def file_work(cfg, run, stage):
     """scan (is the file a usable image?) or dedup (its hashes), one thread per file."""
     def one(item):
-        if stage == "dedup":
-            return cu.hash_image(item)
-        return {"key": item["key"], **cu.check_image(item["path"], cfg.min_side, cfg.max_pixels)}
+        return cu.hash_image(item) if stage == "dedup" else cu.check_image(item, cfg.min_side, cfg.max_pixels)
 
     return lambda items: list(run.pool.map(one, items))
 
@@ -208,6 +206,8 @@ def detect_work(cfg, run, stage):
     whole = {"kps": None, "score": 1.0, "embedding": None}  # --face_detector=none: the image is the face
 
     def one(item, img, s):
+        if img is None:  # removed or changed since scan: skipped and counted, like a drop at scan
+            return {"key": item["key"], "drop": "unreadable"}
         W, H = item["width"], item["height"]
         faces = run.face(np.asarray(img)) if run.face else [{"box": [0, 0, img.width, img.height], **whole}]
         for f in faces:

@@ -25,6 +25,7 @@ was trained against (metrics.py).
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -33,7 +34,8 @@ import torch
 from common import UserError, cli, log, run_info, setup_device
 from data.manifest import geometry, load_image, read_manifest
 from metrics import evaluate_tokenizer, judge_scores, line_plot, per_scale_face_sim, summarize
-from pipeline import face_paths, generate, load_run, load_tokenizer, reference_crops
+from pipeline import (check_output, check_prompt, face_paths, generate, hf_scale_sides, load_run, load_tokenizer,
+                      reference_crops)
 
 
 @dataclasses.dataclass
@@ -83,8 +85,9 @@ def write_table(table, cfg):
     log(table)
     if cfg.out:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-        with open(cfg.out, "w") as f:
+        with open(f"{cfg.out}.tmp{os.getpid()}", "w") as f:  # then renamed: never a half-written table
             f.write(table + "\n")
+        os.replace(f.name, cfg.out)
     return table
 
 
@@ -260,6 +263,23 @@ def eval_gallery(cfg, device):
     return path, strip_path
 
 
+def read_prompts(path):
+    """--prompts: UTF-8 text, one prompt per line (blank lines and # comments skipped) -> list; one-line errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts={path} not found: a UTF-8 text file with one prompt per line")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise UserError(f"--prompts={path} line {line}: byte {e.object[e.start]:#x} is not UTF-8; save the file as "
+                        "UTF-8") from None
+    prompts = [s.strip() for s in lines if s.strip() and s.strip()[0] != "#"]
+    if not prompts:
+        raise UserError(f"--prompts={path} holds no prompt (one per line)")
+    return prompts
+
+
 @torch.no_grad()
 def eval_photos(cfg, device):
     """Table 1 on real photos: one image per (reference photo, prompt) pair at batch 1, seed + pair index, from the
@@ -267,17 +287,21 @@ def eval_photos(cfg, device):
     import face_detect as fd
     import metrics as mt
 
-    if not os.path.isfile(cfg.prompts):
-        raise UserError(f"--prompts={cfg.prompts} not found: a UTF-8 text file with one prompt per line")
-    prompts = [s.strip() for s in open(cfg.prompts, encoding="utf-8") if s.strip() and s.strip()[0] != "#"]
-    if not prompts:
-        raise UserError(f"--prompts={cfg.prompts} holds no prompt (one per line)")
+    prompts = read_prompts(cfg.prompts)
     if cfg.face_detector == "none":
         raise UserError("--face_detector=none: FaceSim needs a face backend (auto, insightface or dlib)")
+    if not (cfg.guidance >= 0 and math.isfinite(cfg.id_scale)):
+        raise UserError(f"--guidance={cfg.guidance} must be >= 0 and --id_scale={cfg.id_scale} finite")
+    if cfg.out:
+        check_output(cfg.out, image=False)
+    paths = face_paths(cfg.faces)
     (clip, clip_tokenizer), dino = mt.load_clip(cfg.clip_model, device), mt.load_dino(cfg.dino_model, device)
     detector = fd.make_face_detector(cfg.face_detector, cfg.face_model_pack, device=device, log=log)
-    run, paths = load_run(cfg.ckpt, device), face_paths(cfg.faces)
-    crops, faces = reference_crops(paths, detector, run.config["face_size"], run.config.get("crop_scale", 1.4))
+    run = load_run(cfg.ckpt, device)
+    for n, p in enumerate(prompts):
+        check_prompt(run, p, f"{cfg.prompts} prompt {n + 1}")
+    crops, faces = reference_crops(paths, detector, run.config["face_size"], run.config.get("crop_scale", 1.4),
+                                   hf_scale_sides(run))
     pairs = [(n, p) for n in range(len(paths)) for p in prompts]
 
     def image(k):

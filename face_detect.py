@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError
+from common import UserError, log
 
 
 class FaceError(UserError, ValueError):
@@ -151,7 +151,7 @@ def detect_face(image_rgb, detector, name="image"):
         raise FaceError(f"no face found in {name} ({detector.name}, threshold {detector.det_thresh}); use a clear "
                         "frontal photo, lower --det_thresh, or pass a pre-cropped face with --face_detector=none")
     if len(faces) > 1:
-        print(f"warning: {len(faces)} faces found in {name}; using the largest")
+        log(f"warning: {len(faces)} faces found in {name}; using the largest")
     return faces[0]
 
 

@@ -16,31 +16,54 @@ The assembled HEAR system, shared by train.py, sample.py, eval.py and bench.py:
 
 import dataclasses
 import os
+import tempfile
 
 import torch
+from PIL import Image
 from torch import nn
 
 import face_detect as fd
 import face_encoder as fe
 import model as hear_model
 import tokenizer as tok
-from checkpoint import load_checkpoint
-from common import UserError
+from checkpoint import CheckpointMismatchError, load_checkpoint
+from common import UserError, log
 from data.manifest import geometry, load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MIN_SIDE = 8  # pixels: a smaller image holds no face (detectors find faces of ~10-40 px and more)
 
 
 def load_tokenizer(spec):
     """Frozen tokenizer from `infinity:<official .pth>` or a train_tokenizer.py checkpoint -> (BSQVAE, ckpt or None)."""
     if spec.startswith("infinity:"):
-        return tok.load_infinity_vae(spec.split(":", 1)[1]).eval().requires_grad_(False), None
+        try:
+            return tok.load_infinity_vae(spec.split(":", 1)[1]).eval().requires_grad_(False), None
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"{spec}: {e}") from None
     ckpt = load_checkpoint(spec)
-    if "tokenizer_config" not in ckpt:
+    if not isinstance(ckpt, dict) or "tokenizer_config" not in ckpt:
         raise UserError(f"{spec} is not a train_tokenizer.py checkpoint (no tokenizer_config)")
     vae = tok.BSQVAE(tok.TokenizerConfig(**ckpt["tokenizer_config"]))
-    vae.load_state_dict(ckpt["model"])
+    load_weights(vae, ckpt["model"], spec)
     return vae.eval().requires_grad_(False), ckpt
+
+
+def load_weights(module, state_dict, path):
+    """module.load_state_dict, strict, with a one-line CheckpointMismatchError (counts and the first key) instead of
+    torch's multi-line report."""
+    ours = module.state_dict()
+    missing = [k for k in ours if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in ours]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        what = [f"{len(x)} {name} (first: {x[0]})" for name, x in
+                (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if x]
+        raise CheckpointMismatchError(f"{path}: the weights do not fit the model its config describes: "
+                                      f"{'; '.join(what)}; the file is damaged or was edited, use the one training "
+                                      "wrote")
+    module.load_state_dict(state_dict)
 
 
 def build_text_encoder(spec, vocab_json=None, channels=128, layers=2, heads=4):
@@ -123,16 +146,23 @@ class Run:
 def load_run(path, device="cpu", use_ema=True):
     """A train.py checkpoint -> Run on `device` (EMA weights when present and use_ema)."""
     ckpt = load_checkpoint(path)
-    if "model_config" not in ckpt or "config" not in ckpt:
+    if isinstance(ckpt, dict) and "tokenizer_config" in ckpt:
+        raise UserError(f"{path} is a train_tokenizer.py checkpoint (a tokenizer); --ckpt takes a train.py "
+                        "checkpoint: <train.py out_dir>/ckpt.pt")
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint (no model_config); pass --ckpt=<out_dir>/ckpt.pt")
     c = ckpt["config"]
     text_enc, caption_tokenizer, _ = build_text_encoder(c["text_encoder"], ckpt.get("caption_tokenizer"),
                                                         c["text_channels"], c["text_layers"], c["text_heads"])
     if isinstance(ckpt.get("text_encoder"), dict):  # trained jointly (tiny); a frozen flan-t5 is read from its folder
-        text_enc.load_state_dict(ckpt["text_encoder"])
+        load_weights(text_enc, ckpt["text_encoder"], path)
     hear = hear_model.HEARTransformer(hear_model.ModelConfig(**ckpt["model_config"]))
-    hear.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"])
+    load_weights(hear, ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"], path)
     vae, face_enc = (load_tokenizer(c[k])[0].to(device) for k in ("tokenizer_ckpt", "face_encoder_ckpt"))
+    if vae.cfg.codebook_dim != hear.cfg.codebook_dim:  # the tokenizer file was replaced since training
+        raise CheckpointMismatchError(f"{path}: its tokenizer {c['tokenizer_ckpt']} has {vae.cfg.codebook_dim} bits "
+                                      f"per token, the transformer was trained on {hear.cfg.codebook_dim}; restore "
+                                      "the tokenizer it was trained with")
     return Run(TextToBits(text_enc, hear, False).to(device).eval(), caption_tokenizer, vae, face_enc,
                fe.build_global_encoder(c.get("global_face", "lowfreq"), device), c, ckpt["step"])
 
@@ -147,19 +177,80 @@ def face_paths(spec):
     return [p for p in spec.split(",") if p]
 
 
-def reference_crops(paths, detector, size, crop_scale):
+def hf_scale_sides(run):
+    """{scale number (1-based): pixel side} of the high-frequency face scales (v_hf, Eq. 5) of this run's crops."""
+    p, first = run.face_encoder.cfg.patch_size, run.config["hf_first_scale"]
+    schedule = fe.face_schedule(run.config["face_size"], p, first)
+    return {k + 1: h * p for k, (h, _) in enumerate(schedule) if k >= first}
+
+
+def reference_crops(paths, detector, size, crop_scale, hf_sides=None):
     """Reference photos -> (crops (R, 3, size, size) in [-1, 1], detected faces [face_detect face dict per photo]):
     the largest face of each photo (face_detect.detect_face), square-cropped with side crop_scale * max(box w, h)
-    from the photo at its own resolution. detector None: each image already is the face crop (scale 1)."""
+    from the photo at its own resolution. detector None: each image already is the face crop (scale 1).
+    hf_sides (hf_scale_sides): warn when a face is too small for high-frequency scales (they get upscaled pixels)."""
     crops, faces = [], []
     for path in paths:
-        image = load_image(path)  # (3, H, W), one-line error if unreadable
+        image = load_image(path)  # (3, H, W), upright; one-line error if unreadable
+        if min(image.shape[1:]) < MIN_SIDE:
+            raise UserError(f"{path} is {image.shape[2]}x{image.shape[1]} pixels: too small to hold a face (at least "
+                            f"{MIN_SIDE} px a side); use a larger photo")
         rgb = ((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()  # (H, W, 3) uint8, the file's pixels
         face = fd.detect_face(rgb, detector, path)
         box = torch.as_tensor(face["box"], dtype=torch.float32)[None]  # (1, 4) pixels
-        crops.append(fd.square_crop(image[None], box, 1.0 if detector is None else crop_scale, size))
+        scale = 1.0 if detector is None else crop_scale
+        side = round(scale * float(max(box[0, 2] - box[0, 0], box[0, 3] - box[0, 1])))  # the crop in photo pixels
+        empty = [k for k, px in (hf_sides or {}).items() if px > side]
+        if empty:
+            which = f"scale {empty[0]} is" if len(empty) == 1 else f"scales {empty[0]}-{empty[-1]} are"
+            log(f"warning: the face in {path} is {int(box[0, 2] - box[0, 0])}x{int(box[0, 3] - box[0, 1])} px (a "
+                f"{side} px crop, upscaled to {size}): high-frequency {which} finer than the photo, without detail of "
+                "its own; a photo with a larger face keeps more identity")
+        crops.append(fd.square_crop(image[None], box, scale, size))
         faces.append(face)
     return torch.cat(crops), faces
+
+
+def check_prompt(run, prompt, name="--prompt"):
+    """A one-line error for an empty prompt; a warning naming how many tokens are kept when it is longer than the
+    checkpoint's text_maxlen (encode_prompts truncates)."""
+    if not prompt.strip():
+        raise UserError(f"{name} is empty: describe the image to generate")
+    n, maxlen = len(run.caption_tokenizer(prompt)["input_ids"]), run.config["text_maxlen"]
+    if n > maxlen:
+        log(f"warning: {name} is {n} tokens long ({len(prompt)} characters); kept the first {maxlen} tokens "
+            "(this checkpoint's text_maxlen)")
+
+
+def check_output(path, image=True):
+    """Before any work: --out is not a folder, its folder can be written (created if needed) and, for an image, its
+    extension names a format PIL writes. -> the PIL format name (image) or None."""
+    if os.path.isdir(path):
+        raise UserError(f"--out={path} is a folder; give a file name, e.g. {os.path.join(path, 'sample.png')}")
+    folder, ext = os.path.dirname(os.path.abspath(path)), os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if image and fmt not in Image.SAVE:
+        raise UserError(f"--out={path}: {ext or 'no extension'} is not an image format PIL writes; use .png or .jpg")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"--out={path}: cannot write in {folder} ({e.strerror}); choose another --out") from None
+    return fmt if image else None
+
+
+def save_image(images, path, nrow):
+    """torchvision.utils.save_image of images (N, 3, H, W) in [0, 1] to a temp file next to `path`, then renamed:
+    an interrupted run never leaves a half-written image."""
+    import torchvision
+
+    fmt, tmp = Image.registered_extensions()[os.path.splitext(path)[1].lower()], f"{path}.tmp{os.getpid()}"
+    try:
+        torchvision.utils.save_image(images, tmp, nrow=nrow, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def face_conditions(hear, face_enc, global_enc, crops, hf_first_scale, combine="mean"):

@@ -14,6 +14,7 @@ scales).
 """
 
 import dataclasses
+import math
 import os
 from typing import Optional
 
@@ -21,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import face_detect as fd
+import tokenizer as tok
 from common import UserError, cli, log, resolve_device, run_info
-from pipeline import face_paths, generate, load_run, reference_crops
+from pipeline import (check_output, check_prompt, face_paths, generate, hf_scale_sides, load_run, reference_crops,
+                      save_image)
 
 
 @dataclasses.dataclass
@@ -57,14 +60,36 @@ class Config:
 PRESETS = {"synthfaces": {}, "infinity_2b": {"face_detector": "auto", "ckpt": "out/hear_2b/ckpt.pt"}}
 
 
-def reference_crop(cfg, size, crop_scale, device):
+def validate(cfg):
+    """Every value checked before any work (nothing loaded, nothing written): one line naming the value and its
+    range."""
+    lo, hi = min(tok.H_DIV_W_TEMPLATES), max(tok.H_DIV_W_TEMPLATES)
+    rules = [("num_samples", cfg.num_samples >= 1, ">= 1"), ("cfg", cfg.cfg >= 0, ">= 0 (1: no guidance)"),
+             ("tau", cfg.tau > 0, "> 0"), ("top_k", cfg.top_k >= 0, ">= 0 (0: off)"),
+             ("top_p", 0 <= cfg.top_p <= 1, "in [0, 1] (0: off)"), ("id_scale", math.isfinite(cfg.id_scale), "finite"),
+             ("crop_scale", cfg.crop_scale >= 0, ">= 0 (0: the checkpoint's)"),
+             ("h_div_w", lo <= cfg.h_div_w <= hi, f"in [{lo}, {hi}], the official aspect templates"),
+             ("face_combine", cfg.face_combine in ("mean", "concat"), "mean or concat"),
+             ("face_detector", cfg.face_detector in ("none", "auto", "insightface", "dlib"),
+              "none, auto, insightface or dlib")]
+    for name, ok, rule in rules:
+        if not ok:
+            raise UserError(f"--{name}={getattr(cfg, name)}: must be {rule}")
+    if not cfg.prompt.strip():
+        raise UserError("--prompt is required (and not blank): what the image should show")
+    if not cfg.face:
+        raise UserError("--face is required: a face photo (or a pre-cropped face with --face_detector=none)")
+    check_output(cfg.out)
+
+
+def reference_crop(cfg, size, crop_scale, device, hf_sides=None):
     """Read the face photo(s) of --face, detect (or take) the face of each -> square crops (R, 3, size, size) in
     [-1, 1], one per photo."""
     if not cfg.face:
         raise UserError("--face is required: a face photo (or a pre-cropped face with --face_detector=none)")
     detector = fd.make_face_detector(cfg.face_detector, cfg.face_model_pack, cfg.face_model_root, cfg.det_thresh,
                                      device, log=log)
-    return reference_crops(face_paths(cfg.face), detector, size, crop_scale)[0].to(device)
+    return reference_crops(face_paths(cfg.face), detector, size, crop_scale, hf_sides)[0].to(device)
 
 
 def fit(crop, hw):
@@ -77,28 +102,29 @@ def fit(crop, hw):
 
 
 def main(cfg):
-    import torchvision
-
+    validate(cfg)
     device = resolve_device(cfg.device)
-    if not cfg.prompt:
-        raise UserError("--prompt is required")
     run = load_run(cfg.ckpt, device, cfg.use_ema)
     log(f"{run_info(device)} | checkpoint {cfg.ckpt} (step {run.step})")
+    if not run.config["pn"] and cfg.h_div_w != 1.0:
+        raise UserError(f"--h_div_w={cfg.h_div_w}: this checkpoint was trained on square images only (no --pn)")
+    check_prompt(run, cfg.prompt)
+    if cfg.negative_prompt:
+        check_prompt(run, cfg.negative_prompt, "--negative_prompt")
     crop_scale = cfg.crop_scale or run.config.get("crop_scale", 1.4)
-    crops = reference_crop(cfg, run.config["face_size"], crop_scale, device)  # (R, 3, S, S)
+    crops = reference_crop(cfg, run.config["face_size"], crop_scale, device, hf_scale_sides(run))  # (R, 3, S, S)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     images, per_scale = generate(run, [cfg.prompt] * cfg.num_samples, crops[None], generator, cfg.cfg, cfg.tau,
                                  cfg.top_k, cfg.top_p, cfg.id_scale, cfg.hf_from_scale,
                                  negative_prompt=cfg.negative_prompt, h_div_w=cfg.h_div_w,
                                  face_combine=cfg.face_combine, offload_text_encoder=cfg.offload_text_encoder)
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     tiles = [fit(c, images.shape[-2:]) for c in crops] + list(images)  # reference crops shown at the image size
-    torchvision.utils.save_image(torch.stack(tiles).add(1).div(2), cfg.out, nrow=len(tiles))
+    save_image(torch.stack(tiles).add(1).div(2), cfg.out, nrow=len(tiles))
     log(f"wrote {cfg.out} ({len(crops)} reference crop(s), then {cfg.num_samples} samples)")
     if cfg.per_scale:  # Fig. 8: decode the running sum after each scale, for the first sample
         strip = torch.cat([run.vae.decode(z[:1]) for z in per_scale])
-        path = os.path.splitext(cfg.out)[0] + "_scales.png"
-        torchvision.utils.save_image(strip.add(1).div(2), path, nrow=len(per_scale))
+        path = os.path.splitext(cfg.out)[0] + "_scales" + os.path.splitext(cfg.out)[1]
+        save_image(strip.add(1).div(2), path, nrow=len(per_scale))
         log(f"wrote {path} (scales 1..{len(per_scale)})")
 
 

@@ -7,7 +7,6 @@ Plain functions of their inputs; the stage order, sharding and models live in cu
 import base64
 import glob
 import hashlib
-import io
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from common import UserError
+from data.manifest import image_size, open_rgb
 from data import vlm_prompts as vp
 
 # -----------------------------------------------------------------------------
@@ -157,8 +157,13 @@ def summary_table(stages):
 # Images: checks, loading, hashes, duplicates, skin tone
 
 
-def check_image(path, min_side, max_pixels):
-    """-> {width, height}, or {drop: reason} for a file that is no usable image."""
+def check_image(item, min_side, max_pixels):
+    """-> {key, width, height} (upright, as open_rgb shows it), or {key, drop: reason} for a file that is no usable
+    image."""
+    return {"key": item["key"], **_check_image(item["path"], min_side, max_pixels)}
+
+
+def _check_image(path, min_side, max_pixels):
     try:
         img = Image.open(path)
     except UnidentifiedImageError:
@@ -173,20 +178,21 @@ def check_image(path, min_side, max_pixels):
             return {"drop": "decompression bomb"}
         if min(w, h) < min_side:
             return {"drop": "too small"}
-        try:
-            img.load()  # decodes all the data: a truncated or damaged file fails here
-        except Exception:  # PIL raises OSError, SyntaxError, ValueError or zlib.error depending on the format
-            return {"drop": "truncated or corrupt"}
+    try:
+        w, h = open_rgb(path).size  # decodes all the data: a truncated or damaged file fails here
+    except UserError:
+        return {"drop": "truncated or corrupt"}
     return {"width": w, "height": h}
 
 
 def load_rgb(path, max_side=0):
-    """-> (RGB image shrunk so its longer side is <= max_side when max_side > 0, scale factor applied)."""
-    with Image.open(path) as img:
-        w = img.width
-        if max_side:
-            img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced size directly (much faster)
-        img = img.convert("RGB")
+    """-> (upright RGB image (open_rgb) shrunk so its longer side is <= max_side when max_side > 0, scale factor
+    applied), or (None, 0) for a file that cannot be read any more (the caller drops it)."""
+    try:
+        img = open_rgb(path, (max_side, max_side) if max_side else None)  # JPEG: decoded at a reduced size directly
+        w = image_size(path)[0]  # the upright width before any reduction
+    except (OSError, UserError):
+        return None, 0.0
     s = min(1.0, max_side / max(img.size)) if max_side else 1.0
     if s < 1:
         img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)
@@ -199,8 +205,10 @@ def hash_image(item):
     try:
         with open(item["path"], "rb") as f:
             data = f.read()
-        img, _ = load_rgb(io.BytesIO(data), 512)  # pHash works on a 32x32 DCT, so 512 px loses nothing
     except OSError:
+        return {"key": item["key"], "drop": "unreadable"}
+    img = load_rgb(item["path"], 512)[0]  # pHash works on a 32x32 DCT, so 512 px loses nothing
+    if img is None:
         return {"key": item["key"], "drop": "unreadable"}
     return {"key": item["key"], "sha256": hashlib.sha256(data).hexdigest(), "phash": str(imagehash.phash(img))}
 
@@ -331,9 +339,8 @@ def contact_sheet(path, stages, inp, rec, drops, kept, n=6, side=96, label=260):
     for y, (text, files) in enumerate(rows):
         draw.text((4, y * side + side // 2 - 6), text, fill="black")
         for x, f in enumerate(files):
-            try:
-                tile, _ = load_rgb(f, side)
-            except Exception:  # whatever made the file a drop
+            tile = load_rgb(f, side)[0] if f else None
+            if tile is None:  # whatever made the file a drop
                 tile = Image.new("RGB", (side, side), "grey")
             sheet.paste(tile, (label + x * side, y * side))
     sheet.save(path)

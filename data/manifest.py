@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 import face_detect as fd
 import tokenizer as tok
@@ -63,12 +63,48 @@ def read_manifest(path, split=None):
 # Images
 
 
-def load_image(path, size=None):
-    """Image file -> (3, H, W) float in [-1, 1] (RGB); size=(H, W) resizes (bicubic). One-line error if unreadable."""
+def open_rgb(path, draft=None):
+    """Image file -> upright 8-bit RGB PIL image, or a one-line UserError saying what is wrong with the file. Upright:
+    the EXIF orientation of phone photos is applied. 16-bit grey scales 0..65535 to 0..255 (PIL's own convert clips
+    it); transparency is composited on white, as a viewer shows it. PIL's decompression-bomb limit stays on: a header
+    claiming more than 2 x Image.MAX_IMAGE_PIXELS pixels is refused before decoding. draft=(w, h): JPEG decodes at a
+    reduced size directly (curate.py)."""
+    if not os.path.exists(path):
+        raise UserError(f"image {path} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not an image file")
     try:
-        img = Image.open(path).convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__})") from None
+        with Image.open(path) as img:
+            if draft:
+                img.draft("RGB", draft)
+            img = ImageOps.exif_transpose(img)  # decodes all the data: a truncated file fails here
+    except UnidentifiedImageError:
+        raise UserError(f"{path} is not an image file PIL can read (use a JPEG or PNG)") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: {e} Refused; shrink the image (or raise PIL.Image.MAX_IMAGE_PIXELS if it is "
+                        "trusted)") from None
+    except Exception as e:  # OSError, SyntaxError, ValueError or zlib.error, depending on the format
+        raise UserError(f"{path} is truncated or damaged ({str(e).splitlines()[0][:80]}); use an intact copy") from None
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey (PNG): scale, do not clip
+        img = Image.fromarray((np.asarray(img, np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return img.convert("RGB")
+
+
+def image_size(path):
+    """(width, height) of an image as open_rgb shows it (upright: EXIF orientations 5-8 swap the sides); header
+    only."""
+    with Image.open(path) as img:
+        w, h = img.size
+        return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+
+
+def load_image(path, size=None):
+    """Image file -> (3, H, W) float in [-1, 1] (RGB, upright: open_rgb); size=(H, W) resizes (bicubic). One-line
+    error if unreadable."""
+    img = open_rgb(path)
     if size is not None and img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.BICUBIC)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
@@ -78,8 +114,7 @@ def load_example(rec, size):
     """One record -> (image (3, H, W), face box (4,) scaled to the resized image). size = (H, W)."""
     if not os.path.isfile(rec["path"]):
         raise UserError(f"image {rec['path']} listed in the manifest does not exist")
-    with Image.open(rec["path"]) as img:  # header only
-        w0, h0 = img.size
+    w0, h0 = image_size(rec["path"])  # header only
     sx, sy = size[1] / w0, size[0] / h0
     box = torch.tensor(rec["face_box"], dtype=torch.float32) * torch.tensor([sx, sy, sx, sy])
     return load_image(rec["path"], size), box
@@ -140,8 +175,7 @@ def aspect_buckets(records, pn):
         return {1.0: list(range(len(records)))}
     buckets = {}
     for i, rec in enumerate(records):
-        with Image.open(rec["path"]) as img:  # reads the header only
-            w, h = img.size
+        w, h = image_size(rec["path"])  # reads the header only
         buckets.setdefault(tok.nearest_template(h / w), []).append(i)
     return buckets
 

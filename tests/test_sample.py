@@ -74,7 +74,7 @@ def test_hf_from_scale_past_the_last_scale_is_id_scale_zero(tiny_ckpt, tmp_path)
 def test_bad_inputs(tiny_ckpt, tmp_path):
     ckpt, face = tiny_ckpt
     (tmp_path / "broken.jpg").write_bytes(b"\x00\x01")
-    with pytest.raises(UserError, match="cannot read image"):
+    with pytest.raises(UserError, match="is not an image file"):
         run(ckpt, str(tmp_path / "broken.jpg"), tmp_path)
     with pytest.raises(UserError, match="--face is required"):
         run(ckpt, "", tmp_path)

@@ -95,7 +95,7 @@ def test_manifest_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="not valid JSON"):
         read_manifest(str(tmp_path))
     (tmp_path / "bad.png").write_bytes(b"nope")
-    with pytest.raises(UserError, match="cannot read image"):
+    with pytest.raises(UserError, match="is not an image file"):
         load_image(str(tmp_path / "bad.png"))
 
 
