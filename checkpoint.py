@@ -159,7 +159,8 @@ class Faults:
             signal.signal(s, handler)
         self._previous = {}
         # gloo reports a lost peer or a timeout as a RuntimeError "[.../gloo/...cc:561] Connection closed by peer ..."
-        if self.dist.world_size > 1 and (isinstance(exc, torch.distributed.DistError) or "gloo" in str(exc)):
+        lost = isinstance(exc, torch.distributed.DistError) or (isinstance(exc, RuntimeError) and "gloo" in str(exc))
+        if self.dist.world_size > 1 and lost:
             reason = re.sub(r"^\[[^\]]*\] *", "", str(exc).strip()).split(". ")[0][:160]
             raise UserError(f"rank {self.dist.rank} lost contact with the other processes ({reason}); one of them "
                             "probably died (see its error): rerun with --init_from=resume, as torchrun "

@@ -5,6 +5,11 @@ Train HEAR (or plain Infinity-style text-to-image) with bitwise self-correction.
   resume:            python train.py --preset=synthfaces --init_from=resume
   DDP (CPU, gloo):   torchrun --standalone --nproc_per_node=2 train.py --preset=synthfaces --device=cpu
   paper recipe:      torchrun --standalone --nproc_per_node=8 train.py --preset=infinity_2b --data_dir=data/faces
+                     (add --max-restarts=N: a restarted attempt resumes from out_dir/ckpt.pt by itself)
+
+Faults (checkpoint.Faults): SIGTERM / Ctrl-C saves a checkpoint at the end of the current step, then exits with 128 +
+the signal number; a NaN / inf loss stops the run naming the step (the last checkpoint kept) or, with
+--nan_policy=skip, drops that update and counts it; a lost DDP rank stops the others with one line.
 
 One step: the targets' frozen tokenizer latents -> bitwise self-correction (Eq. (11)-(12)) -> teacher-forced next-scale
 logits (Eq. 8) conditioned on the caption (short or long, p = 0.5), the reference face's global tokens (Eq. (3)-(4)) and

@@ -6,6 +6,7 @@ Train the BSQ-VAE tokenizer, or fine-tune a copy of it into HEAR's high-frequenc
   official VAE -> face encoder:    torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset=infinity_face \
                                      --init_from=infinity:weights/infinity_vae_d32reg.pth --data_dir=data/faces
   resume any run:                  python train_tokenizer.py --preset=... --init_from=resume
+  (SIGTERM / Ctrl-C, a NaN loss, a lost rank: as in train.py, see checkpoint.Faults)
 
 Both modes share one loss (face_encoder.CompositeLoss): from scratch it is L1 + L2 + VQ (+ LPIPS) on the whole
 image; the face-encoder presets weight the pixel terms by the face mask (--face_mask=True, Eq. 2) and give the
