@@ -11,6 +11,7 @@ Config mechanism (used by every script, nothing else is read):
 
 import ast
 import dataclasses
+import datetime
 import difflib
 import json
 import math
@@ -175,8 +176,9 @@ def resolve_device(device="auto"):
     return device
 
 
-def setup_device(device="auto"):
-    """DDP iff RANK is in the environment (torchrun). Returns Dist(rank, local_rank, world_size, device)."""
+def setup_device(device="auto", timeout_s=600.0):
+    """DDP iff RANK is in the environment (torchrun) -> Dist(rank, local_rank, world_size, device). A collective that
+    waits more than timeout_s for a rank (dead or hung) raises instead of waiting for ever."""
     device = resolve_device(device)
     if "RANK" not in os.environ:
         return Dist(device=device)
@@ -185,7 +187,12 @@ def setup_device(device="auto"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    torch.distributed.init_process_group(backend=backend)
+    timeout, store, attempt = datetime.timedelta(seconds=timeout_s), None, os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt not in (None, "0") and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun --max-restarts keeps one store for all attempts, and it still holds the killed attempt's addresses
+        store = torch.distributed.PrefixStore(f"attempt{attempt}", torch.distributed.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout))
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return Dist(rank, local_rank, world, device)
 
 

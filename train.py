@@ -5,6 +5,11 @@ Train HEAR (or plain Infinity-style text-to-image) with bitwise self-correction.
   resume:            python train.py --preset=synthfaces --init_from=resume
   DDP (CPU, gloo):   torchrun --standalone --nproc_per_node=2 train.py --preset=synthfaces --device=cpu
   paper recipe:      torchrun --standalone --nproc_per_node=8 train.py --preset=infinity_2b --data_dir=data/faces
+                     (add --max-restarts=N: a restarted attempt resumes from out_dir/ckpt.pt by itself)
+
+Faults (checkpoint.Faults): SIGTERM / Ctrl-C saves a checkpoint at the end of the current step, then exits with 128 +
+the signal number; a NaN / inf loss stops the run naming the step (the last checkpoint kept) or, with
+--nan_policy=skip, drops that update and counts it; a lost DDP rank stops the others with one line.
 
 One step: the targets' frozen tokenizer latents -> bitwise self-correction (Eq. (11)-(12)) -> teacher-forced next-scale
 logits (Eq. 8) conditioned on the caption (short or long, p = 0.5), the reference face's global tokens (Eq. (3)-(4)) and
@@ -26,7 +31,8 @@ from tqdm import tqdm
 import face_encoder as fe
 import model as hear_model
 import tokenizer as tok
-from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from checkpoint import (Faults, init_after_restart, load_checkpoint, poison, rng_state, save_checkpoint,
+                        set_rng_state)
 from common import (UserError, autocast, cli, log, lr_schedule, peak_flops, run_info, save_config, seeded_generator,
                     setup_device)
 from data.manifest import (aspect_buckets, epoch_batches, geometry, identity_pools, load_example, load_face_crop,
@@ -95,7 +101,9 @@ class Config:
     compile: bool = False  # torch.compile the model
     seed: int = 0  # init, data order, randomness (+ rank)
     log_interval: int = 25  # steps between log lines
-    save_interval: int = 500  # steps between checkpoints (and at the end)
+    save_interval: int = 500  # steps between checkpoints (and at the end, and on SIGTERM / SIGINT)
+    nan_policy: str = "stop"  # a NaN / inf loss: stop (error, last checkpoint kept) | skip (drop the update, count it)
+    dist_timeout_s: float = 600.0  # DDP: seconds a collective waits for a lost rank before the run stops with an error
 
 
 PRESETS = {
@@ -138,6 +146,7 @@ class TrainState:
     ddp: nn.Module | None  # the DDP wrapper (its gradient sync is switched per micro-step)
     ema: nn.Module | None  # EMA copy of the transformer
     opt: torch.optim.Optimizer
+    faults: Faults  # non-finite losses, signals, lost ranks (checkpoint.py)
     step: int = 0
     latents: dict = dataclasses.field(default_factory=dict)  # feature cache: record -> (d, h, w) latent
     faces: dict = dataclasses.field(default_factory=dict)  # feature cache: record -> (v_g, v_hf)
@@ -204,8 +213,10 @@ def build_state(cfg, dist):
     ddp = None if dist.world_size == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[dist.local_rank] if "cuda" in dist.device else None)
     forward = torch.compile(ddp or model) if cfg.compile else (ddp or model)  # `model` stays raw for saving
+    faults = Faults(cfg.nan_policy, dist, cfg.out_dir)
+    faults.skipped = resumed.get("skipped_steps", 0) if resumed else 0
     return TrainState(dist, records, aspect_buckets(records, cfg.pn), identity_pools(records), vae, face_enc,
-                      global_enc, text_enc, caption_tokenizer, hear, model, forward, ddp, ema, opt,
+                      global_enc, text_enc, caption_tokenizer, hear, model, forward, ddp, ema, opt, faults,
                       resumed["step"] if resumed else 0)
 
 
@@ -265,7 +276,7 @@ def bit_accuracy(logits, labels, schedule):
 
 def train_step(state, cfg, batch, template):
     """One optimizer step on the global batch `batch` (record indices of one bucket) -> (loss, bit accuracy (3,),
-    image tokens seen, text length)."""
+    image tokens seen, text length), or None for a step whose non-finite loss was skipped (nan_policy=skip)."""
     dist, step, micro = state.dist, state.step, cfg.batch_size // (state.dist.world_size * cfg.grad_accum)
     _, schedule, grid = geometry(cfg.pn, cfg.image_size, template, state.vae.cfg.patch_size)
     token_weights = hear_model.scale_loss_weights(schedule, cfg.reweight_by_scale).to(dist.device)  # (L,)
@@ -293,9 +304,13 @@ def train_step(state, cfg, batch, template):
         with autocast(dist.device, cfg.dtype):
             logits = state.forward(ids["input_ids"].to(dist.device), ids["attention_mask"].to(dist.device), x_in,
                                  schedule, grid, v_g, v_hf, drop[lo: lo + micro].to(dist.device))
-        loss = hear_model.bitwise_loss(logits, labels, token_weights)
+        loss = poison(hear_model.bitwise_loss(logits, labels, token_weights), step + 1)
         (loss / cfg.grad_accum).backward()
         loss_sum, tokens = loss_sum + loss.item() / cfg.grad_accum, tokens + labels.shape[0] * labels.shape[1]
+    state.step += 1
+    if state.faults.skip(loss_sum, state.step):  # every rank agrees; NaN gradients never reach the weights
+        state.opt.zero_grad(set_to_none=True)
+        return None
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
     state.opt.step()
@@ -304,7 +319,6 @@ def train_step(state, cfg, batch, template):
         with torch.no_grad():
             for pe, pm in zip(state.ema.parameters(), state.hear.parameters()):
                 pe.lerp_(pm, 1 - cfg.ema_decay)
-    state.step += 1
     with torch.no_grad():  # on the last micro-batch
         return loss_sum, bit_accuracy(logits, labels, schedule), tokens, ids["input_ids"].shape[1]
 
@@ -318,7 +332,8 @@ def save(state, cfg):
                      "text_encoder": state.text_enc.state_dict() if tiny else None,
                      "caption_tokenizer": state.caption_tokenizer.backend_tokenizer.to_str() if tiny else None,
                      "optimizer": state.opt.state_dict(), "model_config": dataclasses.asdict(state.hear.cfg),
-                     "config": dataclasses.asdict(cfg), "step": state.step, "rng": rng_state()},
+                     "config": dataclasses.asdict(cfg), "step": state.step, "rng": rng_state(),
+                     "skipped_steps": state.faults.skipped},
                     os.path.join(cfg.out_dir, "ckpt.pt"))
 
 
@@ -327,7 +342,8 @@ def save(state, cfg):
 
 
 def main(cfg):
-    dist = setup_device(cfg.device)
+    cfg = dataclasses.replace(cfg, init_from=init_after_restart(cfg.init_from, cfg.out_dir))
+    dist = setup_device(cfg.device, cfg.dist_timeout_s)
     if cfg.batch_size % (dist.world_size * cfg.grad_accum):
         raise UserError(f"--batch_size={cfg.batch_size} must divide by world_size x grad_accum "
                         f"({dist.world_size} x {cfg.grad_accum})")
@@ -344,24 +360,35 @@ def main(cfg):
         cfg.out_dir, dist.master)
     if cfg.cache_features:
         fill_cache(state, cfg)
+    history = train_loop(state, cfg)
+    if dist.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return history
+
+
+def train_loop(state, cfg):
+    """Steps from state.step to max_iters, with log lines, checkpoints and the faults of checkpoint.Faults."""
     buckets, template_of = list(state.buckets.values()), {i: t for t, idx in state.buckets.items() for i in idx}
     per_epoch = len(epoch_batches(len(state.records), cfg.batch_size, 0, cfg.seed, buckets))
     history, window, t0 = [], [], time.time()
-    bar = tqdm(total=cfg.max_iters, initial=state.step, disable=not dist.master, desc="train")
-    while state.step < cfg.max_iters:
-        # the data position is the step itself: resume needs no sampler state
-        batch = epoch_batches(len(state.records), cfg.batch_size, state.step // per_epoch, cfg.seed,
-                              buckets)[state.step % per_epoch]
-        window.append(train_step(state, cfg, batch, template_of[batch[0]]))
-        bar.update(1)
-        if state.step % cfg.log_interval == 0 or state.step == cfg.max_iters:
-            history.append(log_window(state, cfg, window, time.time() - t0, template_of[batch[0]]))
-            window, t0 = [], time.time()
-        if state.step % cfg.save_interval == 0 or state.step == cfg.max_iters:
-            save(state, cfg)
-    bar.close()
-    if dist.world_size > 1:
-        torch.distributed.destroy_process_group()
+    if state.step > 0:
+        log(f"resumed from step {state.step}", cfg.out_dir, state.dist.master)
+    bar = tqdm(total=cfg.max_iters, initial=state.step, disable=not state.dist.master, desc="train")
+    with bar, state.faults as faults:  # the bar closes before an error line is printed
+        while state.step < cfg.max_iters:
+            # the data position is the step itself: resume needs no sampler state
+            batch = epoch_batches(len(state.records), cfg.batch_size, state.step // per_epoch, cfg.seed,
+                                  buckets)[state.step % per_epoch]
+            out = train_step(state, cfg, batch, template_of[batch[0]])
+            if out is not None:  # None: a non-finite step skipped (nan_policy=skip)
+                window.append(out)
+            bar.update(1)
+            if window and (state.step % cfg.log_interval == 0 or state.step == cfg.max_iters):
+                history.append(log_window(state, cfg, window, time.time() - t0, template_of[batch[0]]))
+                window, t0 = [], time.time()
+            if state.step % cfg.save_interval == 0 or state.step == cfg.max_iters or faults.signum:
+                save(state, cfg)
+            faults.exit_if_signalled(state.step)
     return history
 
 
@@ -373,7 +400,8 @@ def log_window(state, cfg, window, seconds, template):
     flops = state.hear.estimate_flops_per_token(schedule, text_len=window[-1][3])
     mfu = f"{100 * flops * tok_s / (peak * state.dist.world_size):.1f}%" if peak else "n/a"
     row = {"step": state.step, "loss": sum(w[0] for w in window) / len(window),
-           "acc": (sum(w[1] for w in window) / len(window)).tolist(), "tok_s": tok_s}
+           "acc": (sum(w[1] for w in window) / len(window)).tolist(), "tok_s": tok_s,
+           "skipped": state.faults.skipped}
     acc = "/".join(f"{a:.3f}" for a in row["acc"])
     log(f"step {state.step}/{cfg.max_iters} | loss {row['loss']:.4f} | bit acc coarse/mid/fine {acc} | "
         f"lr {state.opt.param_groups[0]['lr']:.2e} | {tok_s:.0f} tok/s | MFU {mfu}", cfg.out_dir, state.dist.master)

@@ -6,6 +6,7 @@ Train the BSQ-VAE tokenizer, or fine-tune a copy of it into HEAR's high-frequenc
   official VAE -> face encoder:    torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset=infinity_face \
                                      --init_from=infinity:weights/infinity_vae_d32reg.pth --data_dir=data/faces
   resume any run:                  python train_tokenizer.py --preset=... --init_from=resume
+  (SIGTERM / Ctrl-C, a NaN loss, a lost rank: as in train.py, see checkpoint.Faults)
 
 Both modes share one loss (face_encoder.CompositeLoss): from scratch it is L1 + L2 + VQ (+ LPIPS) on the whole
 image; the face-encoder presets weight the pixel terms by the face mask (--face_mask=True, Eq. 2) and give the
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 import face_encoder as fe
 import tokenizer as tok
-from checkpoint import rng_state, save_checkpoint, set_rng_state
+from checkpoint import Faults, init_after_restart, poison, rng_state, save_checkpoint, set_rng_state
 from common import UserError, autocast, cli, log, lr_schedule, run_info, save_config, setup_device
 from data.manifest import epoch_batches, load_example, read_manifest
 from metrics import evaluate_tokenizer
@@ -72,6 +73,8 @@ class Config:
     log_interval: int = 50  # steps between log lines
     eval_interval: int = 650  # steps between held-out evaluations + checkpoints
     eval_images: int = 256  # held-out images used for PSNR/SSIM
+    nan_policy: str = "stop"  # a NaN / inf loss: stop (error, last checkpoint kept) | skip (drop the update, count it)
+    dist_timeout_s: float = 600.0  # DDP: seconds a collective waits for a lost rank (rank 0 evaluates meanwhile)
 
 
 PRESETS = {
@@ -140,18 +143,19 @@ def build_loss(cfg, vae, device):
 
 
 def build(cfg, dist):
-    """-> (vae, loss, optimizer, start step): new, fine-tuned from a checkpoint, or resumed; identical on every rank."""
+    """-> (vae, loss, optimizer, start step, steps skipped so far): new, fine-tuned from a checkpoint, or resumed;
+    identical on every rank."""
     vae, resumed = build_tokenizer(cfg)
     vae = vae.to(dist.device).train()
     loss_fn = build_loss(cfg, vae, dist.device)
     params = [p for p in list(vae.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    step = 0
+    step, skipped = 0, 0
     if resumed is not None:
         opt.load_state_dict(resumed["optimizer"])
         loss_fn.load_state_dict(resumed["loss"], strict=False)
         set_rng_state(resumed["rng"])
-        step = resumed["step"]
+        step, skipped = resumed["step"], resumed.get("skipped_steps", 0)
         log(f"resumed from step {step}", cfg.out_dir, dist.master)
     if dist.world_size > 1:  # one set of weights: rank 0's (a fresh DinoAlign projection too), broadcast to all
         for t in list(vae.state_dict().values()) + list(loss_fn.state_dict().values()):
@@ -159,7 +163,7 @@ def build(cfg, dist):
     if cfg.compile:  # in place, so state_dict keys stay unprefixed
         vae.encoder.compile()
         vae.decoder.compile()
-    return vae, loss_fn, opt, step
+    return vae, loss_fn, opt, step, skipped
 
 
 def average_gradients(params, world_size):
@@ -174,30 +178,50 @@ def average_gradients(params, world_size):
         g.copy_(part.view_as(g))
 
 
-def train_step(vae, loss_fn, opt, params, x, boxes, schedule, cfg, world_size):
-    """One optimizer step on this rank's images x (B, 3, H, W) -> (loss, {term: value})."""
+def train_step(vae, loss_fn, opt, params, x, boxes, schedule, cfg, faults, step):
+    """Optimizer step `step` (1-based) on this rank's images x (B, 3, H, W) -> (loss, {term: value}); a non-finite
+    loss stops the run or, with nan_policy=skip, returns before backward (checkpoint.Faults)."""
     with autocast(x.device, cfg.dtype):
         features, q, recon = vae(x, schedule)  # (B, d, h, w), quantizer outputs, (B, 3, H, W)
     aux = tok.bsq_aux_loss(q["inputs"], commit_weight=cfg.commit_weight, entropy_weight=cfg.entropy_weight)
     loss, terms = loss_fn(recon.float(), x, boxes, aux["aux"], features)  # Eq. (1)
+    loss = poison(loss, step)
+    if faults.skip(loss.item(), step):
+        return loss, terms
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if world_size > 1:
-        average_gradients(params, world_size)
+    if faults.dist.world_size > 1:
+        average_gradients(params, faults.dist.world_size)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     return loss, terms
 
 
-def save(vae, loss_fn, opt, cfg, step, metrics):
+def save(vae, loss_fn, opt, cfg, step, metrics, skipped):
     save_checkpoint({"model": vae.state_dict(), "optimizer": opt.state_dict(), "loss": loss_fn.state_dict(),
                      "tokenizer_config": dataclasses.asdict(vae.cfg), "config": dataclasses.asdict(cfg),
-                     "step": step, "rng": rng_state(), "metrics": metrics}, os.path.join(cfg.out_dir, "ckpt.pt"))
+                     "step": step, "rng": rng_state(), "metrics": metrics, "skipped_steps": skipped},
+                    os.path.join(cfg.out_dir, "ckpt.pt"))
+
+
+def evaluate_and_save(vae, loss_fn, opt, cfg, step, faults, test_recs):
+    """Rank 0 evaluates and saves at each eval_interval and at the end, and saves without evaluating when a signal
+    asked the run to stop; then every rank exits on that signal (checkpoint.Faults)."""
+    master = faults.dist.master
+    if master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
+        metrics = evaluate_tokenizer(vae, test_recs, cfg.image_size, faults.dist.device,
+                                     grid_path=os.path.join(cfg.out_dir, "recon.png"))
+        log("eval (held-out identities) | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), cfg.out_dir)
+        save(vae, loss_fn, opt, cfg, step, metrics, faults.skipped)
+    elif master and faults.signum:
+        save(vae, loss_fn, opt, cfg, step, None, faults.skipped)
+    faults.exit_if_signalled(step)
 
 
 def main(cfg):
-    dist = setup_device(cfg.device)
+    cfg = dataclasses.replace(cfg, init_from=init_after_restart(cfg.init_from, cfg.out_dir))
+    dist = setup_device(cfg.device, cfg.dist_timeout_s)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if dist.master:
         log(save_config(cfg, cfg.out_dir), cfg.out_dir)
@@ -206,7 +230,9 @@ def main(cfg):
     test_recs = read_manifest(cfg.data_dir, "test")[: cfg.eval_images]
     if cfg.batch_size % dist.world_size:
         raise UserError(f"--batch_size={cfg.batch_size} must divide by the world size {dist.world_size}")
-    vae, loss_fn, opt, step = build(cfg, dist)
+    vae, loss_fn, opt, step, skipped = build(cfg, dist)
+    faults = Faults(cfg.nan_policy, dist, cfg.out_dir)
+    faults.skipped = skipped
     params = [p for p in list(vae.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     schedule = tok.small_schedule(cfg.image_size // vae.cfg.patch_size, cfg.image_size // vae.cfg.patch_size)
     log(f"tokenizer {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, schedule {schedule}, "
@@ -214,27 +240,24 @@ def main(cfg):
     size, share = (cfg.image_size, cfg.image_size), cfg.batch_size // dist.world_size
     per_epoch = len(epoch_batches(len(train_recs), cfg.batch_size, 0, cfg.seed))
     t0, bar = time.time(), tqdm(total=cfg.max_iters, initial=step, disable=not dist.master, desc="tokenizer")
-    while step < cfg.max_iters:
-        # the data position is the step itself, so resume is exact; rank r takes its share of the global batch
-        batch = epoch_batches(len(train_recs), cfg.batch_size, step // per_epoch, cfg.seed)[step % per_epoch]
-        examples = [load_example(train_recs[i], size) for i in batch[dist.rank * share: (dist.rank + 1) * share]]
-        x, boxes = torch.stack([e[0] for e in examples]).to(dist.device), torch.stack([e[1] for e in examples])
-        for group in opt.param_groups:
-            group["lr"] = lr_schedule(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
-        loss, terms = train_step(vae, loss_fn, opt, params, x, boxes, schedule, cfg, dist.world_size)
-        step += 1
-        bar.update(1)
-        if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            parts = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
-            log(f"step {step}/{cfg.max_iters} | loss {loss.item():.4f} | {parts} | lr {opt.param_groups[0]['lr']:.2e} "
-                f"| {cfg.log_interval * cfg.batch_size / (time.time() - t0):.1f} img/s", cfg.out_dir, dist.master)
-            t0 = time.time()
-        if dist.master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):  # rank 0 evaluates and writes
-            metrics = evaluate_tokenizer(vae, test_recs, cfg.image_size, dist.device,
-                                         grid_path=os.path.join(cfg.out_dir, "recon.png"))
-            log("eval (held-out identities) | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), cfg.out_dir)
-            save(vae, loss_fn, opt, cfg, step, metrics)
-    bar.close()
+    with bar, faults:  # the bar closes before an error line is printed
+        while step < cfg.max_iters:
+            # the data position is the step itself, so resume is exact; rank r takes its share of the global batch
+            batch = epoch_batches(len(train_recs), cfg.batch_size, step // per_epoch, cfg.seed)[step % per_epoch]
+            examples = [load_example(train_recs[i], size) for i in batch[dist.rank * share: (dist.rank + 1) * share]]
+            x, boxes = torch.stack([e[0] for e in examples]).to(dist.device), torch.stack([e[1] for e in examples])
+            for group in opt.param_groups:
+                group["lr"] = lr_schedule(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
+            loss, terms = train_step(vae, loss_fn, opt, params, x, boxes, schedule, cfg, faults, step + 1)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                parts = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
+                log(f"step {step}/{cfg.max_iters} | loss {loss.item():.4f} | {parts} | "
+                    f"lr {opt.param_groups[0]['lr']:.2e} | "
+                    f"{cfg.log_interval * cfg.batch_size / (time.time() - t0):.1f} img/s", cfg.out_dir, dist.master)
+                t0 = time.time()
+            evaluate_and_save(vae, loss_fn, opt, cfg, step, faults, test_recs)
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()
 
