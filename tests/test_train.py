@@ -127,7 +127,7 @@ def test_step_without_cache_encodes_each_image_once_in_fp32(tiny_run, tmp_path):
             return _orig(x)
         net.encode = encode
     batch = epoch_batches(len(run.records), cfg.batch_size, 0, cfg.seed)[0]
-    refs = pick_references(run.records, run.pools, batch, seeded_generator_u(cfg, 0))
+    refs = pick_references(run.records, run.pools, batch, seeded_generator_u(cfg, 0), cfg.self_ref_prob)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # even under an enclosing autocast the encoders run in fp32
         train.train_step(run, cfg, batch, 1.0)
     assert sum(n for n, _, _ in seen["vae"]) == len(batch)
