@@ -33,8 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import face_encoder as fe
 import model as hear_model
 import tokenizer as tok
-from common import UserError, autocast, cli, peak_flops, resolve_device, run_info
+from common import UserError, autocast, cli, resolve_device, run_info
 from data.manifest import geometry
+from metrics import peak_flops
 
 
 @dataclasses.dataclass
@@ -66,8 +67,7 @@ class Config:
 
 PRESETS = {
     "synthfaces": {},  # the quick-start sizes: transformer depth 4, C 128, batch 32; tokenizer 64 px
-    # Infinity-2B + HEAR, d32 VAE, 1024 px face crop (FT 265, v_hf 10256), always with grad checkpointing. At 1M, batch
-    # 4: ~35 GB weights + grads + AdamW, per image ~2.8 GB of saved block inputs + ~3 GB for one block (80 GB H100)
+    # Infinity-2B + HEAR, d32 VAE, 1024 px face crop (FT 265, v_hf 10256), grad checkpointing; 1M batch 4: ~60 GB
     "infinity_2b": {"pn": "1M", "batch_size": 4, "text_len": 64, "face_size": 1024, "hf_first_scale": 6,
                     "patch_size": 16, "vae_base_ch": 128, "vae_ch_mult": (1, 2, 4, 4, 4), "vae_res_blocks": 2},
 }

@@ -203,17 +203,6 @@ def autocast(device, dtype="bfloat16"):
     return torch.autocast("cuda", dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
 
 
-# peak dense bf16 FLOP/s per device name substring; unknown devices (and CPUs) report MFU as n/a
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-
-
-def peak_flops(device):
-    if not str(device).startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def run_info(device):
     """git commit, torch version and device name, for the top of every log."""
     try:

@@ -268,3 +268,16 @@ def line_plot(panels, path, width=640, height=300, cols=2):
                 draw.text((x0 + 6, y0 + 4 + 12 * j), legend, fill=colour)
     img.save(path)
     return path
+
+
+# -----------------------------------------------------------------------------
+# Hardware utilisation (bench.py)
+
+# peak dense bf16 FLOP/s per device name substring (H100: the SXM figure; PCIe ~756e12); CPUs and unknown GPUs: None
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    """The bf16 peak of a CUDA device from PEAK_FLOPS, for MFU; None on a CPU or an unknown GPU."""
+    name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else ""
+    return next((v for k, v in PEAK_FLOPS.items() if name and k in name), None)

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import bench
-from common import parse_config, peak_flops
+from common import parse_config
+from metrics import peak_flops
 from model import BlockMask, HEARTransformer, ModelConfig, bitwise_loss, load_infinity
 from tokenizer import add_scale, get_schedule, rope_grid
 
