@@ -1,22 +1,17 @@
 """
 Evaluation on held-out identities (the "test" split; never seen in training). One function per --what:
 
-  tokenizer   (paper Table 2/4: MSE on the 0-255 scale, SSIM, PSNR, PSNR inside the face box, identity similarity):
+  tokenizer   Table 2/4: MSE (0-255), SSIM, PSNR, face-box PSNR, identity similarity, the ceiling FaceSim / top-1
                 python eval.py --what=tokenizer --ckpts=out/tokenizer/ckpt.pt,out/face_encoder/ckpt.pt
-  generation  (Table 1/3 style, synthfaces): FaceSim, identity retrieval, prompt adherence, seconds per image, with
-              the null-face control and the real-image bounds (also through the tokenizer: its ceiling):
-                python eval.py --what=generation --ckpt=out/hear/ckpt.pt
-  gallery     pictures of held-out identities: reference crop | one sample per prompt, and the Fig. 8 strip:
-                python eval.py --what=gallery --ckpt=out/hear/ckpt.pt --out=out/gallery.png
-  photos      (Table 1, real photos): CLIP-T, CLIP-I, DINO, FaceSim, no-face rate, seconds per image, for every
-              reference photo in --faces (one person each) x every prompt of --prompts:
+  generation  Table 1/3 on synthfaces: FaceSim, identity top-1, prompt adherence, s/image, with the null-face control
+              and the real-image bounds:  python eval.py --what=generation --ckpt=out/hear/ckpt.pt
+  gallery     reference crop | one sample per prompt, and the Fig. 8 strip:  python eval.py --what=gallery --out=g.png
+  photos      Table 1 on real photos (CLIP-T, CLIP-I, DINO, FaceSim, no-face rate, s/image), --faces x --prompts:
                 python eval.py --what=photos --ckpt=out/hear_2b/ckpt.pt --faces=data/eval_faces --prompts=prompts.txt
-  per_scale   Fig. 8 as a number: FaceSim of the running sum of the first k scales decoded, k = 1..K:
-                python eval.py --what=per_scale --ckpt=out/hear/ckpt.pt --out=out/per_scale.md
-  strength    FaceSim and prompt adherence vs id_scale (--id_scales) and vs the first scale the high-frequency
-              adapter acts on (hf_from_scale = 0..K): python eval.py --what=strength --out=out/strength.md
-  curves      train.py's metrics.jsonl -> loss and bit-accuracy curves PNG:
-                python eval.py --what=curves --metrics=out/hear/metrics.jsonl --out=curves.png
+  per_scale   Fig. 8 as a number, FaceSim of the first k scales decoded:  python eval.py --what=per_scale --out=p.md
+  strength    the trade-off vs id_scale and vs hf_from_scale (the adapter from scale k on):  --what=strength
+  references  1, 2, 4 reference images per person, combined as mean / concat:  --what=references
+  curves      train.py's metrics.jsonl -> loss and bit-accuracy PNG:  --what=curves --metrics=out/hear/metrics.jsonl
 
 Tables are printed as markdown (and written to --out when set, with their numbers in <out stem>.json for study.py).
 Generation is scored by the synthfaces judge's *evaluator* networks, never by the identity network the face encoder
@@ -41,7 +36,7 @@ from pipeline import (check_output, check_prompt, face_paths, generate, hf_scale
 @dataclasses.dataclass
 class Config:
     preset: str = "synthfaces"  # preset name
-    what: str = "tokenizer"  # tokenizer | generation | gallery | photos | per_scale | strength | curves
+    what: str = "tokenizer"  # tokenizer | generation | gallery | photos | per_scale | strength | references | curves
     data_dir: str = "data/synthfaces/out"  # manifest folder; the "test" split (held-out identities) is used
     judge: str = "data/synthfaces/out/judge.pt"  # the synthfaces judge ("" = no identity column for tokenizers)
     device: str = "auto"  # auto | cpu | cuda
@@ -60,6 +55,7 @@ class Config:
     hf_from_scale: int = 0  # the high-frequency adapter acts from this scale on (0: every scale; K: never)
     # strength (also uses id_scale for its hf_from_scale curve)
     id_scales: tuple = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # the id_scale values of the trade-off curve
+    reference_counts: tuple = (1, 2, 4)  # references: the numbers of reference images per identity compared
     # gallery
     gallery_ids: int = 4  # held-out identities (rows)
     gallery_prompts: tuple = ("photo of a smiling person in a red shirt with a blue hat, large face in the center, "
@@ -399,11 +395,49 @@ def eval_strength(cfg, device):
     return table
 
 
+@torch.no_grad()
+def eval_references(cfg, device):
+    """Several references per person (sample.py --face=a,b,c): rows k = --reference_counts crops of images 0..k-1 of
+    each held-out identity, combined as mean and as concat. Every row uses the same prompts (captions of the next
+    prompts_per_identity images, never a reference) and the same target: the mean evaluator embedding of those
+    images' own crops, so no row is favoured by its reference being the target."""
+    judge, run = load_judge_or_fail(cfg, device), load_run(cfg.ckpt, device)
+    size, kmax, P = run.config["face_size"], max(cfg.reference_counts), cfg.prompts_per_identity
+    ids, by_id, _ = held_out_identities(cfg, size, device)
+    ids = [i for i in ids if len(by_id[i]) >= kmax + P]
+    crops = {i: torch.stack([load_image(r["crop_path"], (size, size)) for r in by_id[i][: kmax + P]]).to(device)
+             for i in ids}  # (kmax + P, 3, S, S) each
+    targets = torch.stack([judge.embed(crops[i][kmax:], "eval").mean(0) for i in ids])
+    targets = torch.nn.functional.normalize(targets, dim=1)  # (N, E)
+    rows = [("null face (prompt only)", 1, "mean")] + [(f"{k} ref., {m}", k, m) for k in cfg.reference_counts
+                                                       for m in ("mean", "concat") if k > 1 or m == "mean"]
+    table, numbers = ["| references | FaceSim | identity top-1 | prompt adherence |", "|---|---|---|---|"], {}
+    for name, k, mode in rows:
+        gen, m = torch.Generator(device=device).manual_seed(cfg.seed), {}
+        for n, i in enumerate(ids):
+            recs = by_id[i][kmax: kmax + P]
+            refs = crops[i][None, :k].expand(len(recs), -1, -1, -1, -1)  # (B, k, 3, S, S)
+            images = generate(run, [r["caption_short"] for r in recs], refs, gen, cfg.guidance, id_scale=cfg.id_scale,
+                              face_combine=mode, null_face=name.startswith("null"))[0]
+            own = torch.full((len(recs),), n, device=device)
+            for key, v in judge_scores(judge, images, targets, own, [r["attributes"] for r in recs]).items():
+                m.setdefault(key, []).append(v.cpu())
+        numbers[name] = summarize(m)
+        table.append(f"| {name} | {numbers[name]['face_sim']:.4f} | {numbers[name]['top1']:.4f} | "
+                     f"{numbers[name]['prompt_acc']:.4f} |")
+    table.append(f"\n{cfg.ckpt} (step {run.step}): {len(ids)} held-out identities x {P} prompts, cfg {cfg.guidance}, "
+                 f"seed {cfg.seed} for every row; top-1 chance {1 / len(ids):.3f}")
+    table = write_table("\n".join(table), cfg)
+    write_json({"rows": numbers, "ckpt": cfg.ckpt, "identities": len(ids)}, cfg)
+    return table
+
+
 def main(cfg):
     if cfg.what == "curves":
         return log(f"wrote {plot_curves(cfg.metrics, cfg.out or 'curves.png')}")
     modes = {"tokenizer": eval_tokenizers, "generation": eval_generation, "gallery": eval_gallery,
-             "photos": eval_photos, "per_scale": eval_per_scale, "strength": eval_strength}
+             "photos": eval_photos, "per_scale": eval_per_scale, "strength": eval_strength,
+             "references": eval_references}
     if cfg.what not in modes:
         raise UserError(f"--what={cfg.what!r}: choose {', '.join(modes)} or curves")
     device = setup_device(cfg.device).device

@@ -33,10 +33,10 @@ import model as hear_model
 import tokenizer as tok
 from checkpoint import (Faults, init_after_restart, load_checkpoint, poison, rng_state, save_checkpoint,
                         set_rng_state)
-from common import (UserError, autocast, cli, log, lr_schedule, peak_flops, run_info, save_config, seeded_generator,
-                    setup_device)
+from common import UserError, autocast, cli, log, lr_schedule, run_info, save_config, seeded_generator, setup_device
 from data.manifest import (aspect_buckets, epoch_batches, geometry, identity_pools, load_example, load_face_crop,
                            pick_references, read_manifest)
+from metrics import peak_flops
 from pipeline import TextToBits, build_hear, build_text_encoder, face_conditions, load_tokenizer, read_vocab
 
 

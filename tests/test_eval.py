@@ -84,3 +84,12 @@ def test_generation_table_on_a_tiny_run(tiny_run, tmp_path):
                          "real image through the tokenizer (its ceiling)", "real image, other identity (chance)"}
     assert all(-1 <= v[0] <= 1 and 0 <= v[1] <= 1 and 0 <= v[2] <= 1 for v in rows.values())
     assert open(f"{tmp_path}/gen.md").read().strip() == table
+    # several references (--what=references) on the same run: one held-out identity has the 2 images (1 reference +
+    # 1 prompt) it needs, so retrieval among one candidate is always right and every row is there
+    cfg = parse_config(ev.Config, ev.PRESETS, ["--what=references", f"--ckpt={out}/ckpt.pt", f"--data_dir={data}",
+                                               f"--judge={tmp_path}/judge.pt", "--prompts_per_identity=1",
+                                               "--reference_counts=(1,)", "--device=cpu", f"--out={tmp_path}/ref.md"])
+    rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:5]]
+            for line in ev.main(cfg).splitlines()[2:4]}
+    assert set(rows) == {"null face (prompt only)", "1 ref., mean"}
+    assert all(-1 <= v[0] <= 1 and v[1] == 1.0 and 0 <= v[2] <= 1 for v in rows.values())
