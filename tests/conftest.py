@@ -151,3 +151,18 @@ def tiny_run(tmp_path):
 @pytest.fixture
 def tiny_manifest(tmp_path):
     return write_manifest(str(tmp_path / "data"))
+
+
+def train_tiny_run(folder):
+    """A tiny HEAR run trained 2 steps (train.py --preset=tiny) on a write_manifest folder under `folder` (a Path)
+    -> (checkpoint path, (data folder, tokenizer ckpt, face encoder ckpt))."""
+    import train
+    from common import parse_config
+
+    data = write_manifest(str(folder / "data"))
+    tok_ckpt = write_tokenizer_ckpt(str(folder / "tok.pt"))
+    face_ckpt = write_tokenizer_ckpt(str(folder / "face.pt"), seed=1)
+    train.main(parse_config(train.Config, train.PRESETS, [
+        "--preset=tiny", f"--data_dir={data}", f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
+        f"--out_dir={folder / 'run'}", "--device=cpu", "--max_iters=2"]))
+    return str(folder / "run" / "ckpt.pt"), (data, tok_ckpt, face_ckpt)

@@ -16,7 +16,6 @@ from skimage.data import astronaut
 import eval as hear_eval
 import face_detect as fd
 import sample
-import train
 from checkpoint import save_checkpoint
 from common import UserError, parse_config
 from data.manifest import image_size, load_image
@@ -26,15 +25,10 @@ from pipeline import face_paths, reference_crops
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(tiny train.py checkpoint (16 px, face_size 16, hf_first_scale 2), its tokenizer checkpoint, a good face)."""
-    from conftest import write_manifest, write_tokenizer_ckpt
+    from conftest import train_tiny_run
 
-    tmp = tmp_path_factory.mktemp("bad")
-    data = write_manifest(str(tmp / "data"))
-    tok_ckpt, face_ckpt = write_tokenizer_ckpt(str(tmp / "tok.pt")), write_tokenizer_ckpt(str(tmp / "face.pt"), seed=1)
-    train.main(parse_config(train.Config, train.PRESETS, [
-        "--preset=tiny", f"--data_dir={data}", f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
-        f"--out_dir={tmp / 'run'}", "--device=cpu", "--max_iters=2"]))
-    return str(tmp / "run" / "ckpt.pt"), tok_ckpt, os.path.join(data, "0.png")
+    ckpt, (data, tok_ckpt, _) = train_tiny_run(tmp_path_factory.mktemp("bad"))
+    return ckpt, tok_ckpt, os.path.join(data, "0.png")
 
 
 def sample_main(ckpt, face, out, *extra):

@@ -25,19 +25,15 @@ FACE = (183, 75, 270, 173)  # astronaut(): hairline to chin, cheek to cheek, mea
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(tiny trained checkpoint, its data folder, folder with astronaut.png and its mirror mirror.png)."""
-    from conftest import write_manifest, write_tokenizer_ckpt
+    from conftest import train_tiny_run
 
     tmp = tmp_path_factory.mktemp("photos")
-    data = write_manifest(str(tmp / "data"))
-    tok_ckpt, face_ckpt = write_tokenizer_ckpt(str(tmp / "tok.pt")), write_tokenizer_ckpt(str(tmp / "face.pt"), seed=1)
-    train.main(parse_config(train.Config, train.PRESETS, [
-        "--preset=tiny", f"--data_dir={data}", f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
-        f"--out_dir={tmp / 'run'}", "--device=cpu", "--max_iters=2"]))
+    ckpt, inputs = train_tiny_run(tmp)
     faces = tmp / "faces"
     faces.mkdir()
     Image.fromarray(astronaut()).save(faces / "astronaut.png")
     Image.fromarray(astronaut()[:, ::-1]).save(faces / "mirror.png")
-    return str(tmp / "run" / "ckpt.pt"), (data, tok_ckpt, face_ckpt), str(faces)
+    return ckpt, inputs, str(faces)
 
 
 def grid_tiles(path, n, h, w):
