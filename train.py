@@ -82,7 +82,7 @@ class Config:
     # optimisation (paper: AdamW lr 1e-4, wd 0.01)
     batch_size: int = 32  # global batch in images (over ranks and accumulation steps)
     grad_accum: int = 1  # micro-steps per optimizer step
-    max_iters: int = 1000  # optimizer steps (the synthfaces default: about 5 minutes on 2 CPU cores, compiled)
+    max_iters: int = 1000  # optimizer steps (synthfaces: 11.5 min on the README's 2-core CPU, compiled)
     learning_rate: float = 2e-3  # AdamW peak lr (paper, 2B fine-tune: 1e-4)
     warmup_iters: int = 50  # linear warmup
     cosine_decay: bool = True  # decay the lr to min_lr_ratio x peak (a cosine); False: constant, as in the paper
@@ -98,7 +98,7 @@ class Config:
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # CUDA autocast dtype
-    compile: bool = True  # torch.compile the model (CPU too: inductor, ~1.5x on the synthfaces step)
+    compile: bool = True  # torch.compile the model (CPU too: inductor; 1.3-1.5x per synthfaces step, ~2 min to compile)
     seed: int = 0  # init, data order, randomness (+ rank)
     log_interval: int = 25  # steps between log lines
     save_interval: int = 500  # steps between checkpoints (and at the end, and on SIGTERM / SIGINT)
