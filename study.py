@@ -7,6 +7,7 @@ rerun skips finished outputs and resumes a partial training run. The parts and o
   python study.py                                    # every part, under out/study
   python study.py --parts=table3,per_scale --seeds=3 # parts: table3, per_scale, strength, table4
   python study.py --preset=tiny                      # toy sizes (after python quickstart.py --preset=tiny)
+  python study.py --jobs=2                           # 2 trainings at a time, each on half the cores
 
 Every command is one a user would type (its log: <out_dir>/logs/). study.json records each with its wall and CPU
 time (of the child process), the commit, the machine and the total CPU time.
@@ -17,12 +18,13 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -31,6 +33,7 @@ from common import UserError, cli, config_dict, log, run_info
 from metrics import line_plot
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # the commands run from the repository root
+LOCK = threading.Lock()  # guards the study record when --jobs > 1 trainings finish in parallel threads
 
 
 @dataclasses.dataclass
@@ -43,6 +46,7 @@ class Config:
     face_encoder_ckpt: str = "out/face_encoder/ckpt.pt"  # the quick start's face encoder
     out_dir: str = "out/study"  # runs, tables, plots, logs and study.json
     device: str = "auto"  # auto | cpu | cuda (passed to every command)
+    jobs: int = 1  # trainings run at once, each with cores // jobs threads (the evaluations run after, one at a time)
 
 
 PRESETS = {"synthfaces": {}, "tiny": {"seeds": 2, "data_dir": "out/quickstart_tiny/data", "out_dir": "out/study_tiny",
@@ -86,6 +90,8 @@ def commands(cfg):
     if any(p not in PARTS for p in cfg.parts.split(",")) or cfg.preset not in SIZES or cfg.seeds < 1:
         raise UserError(f"--parts={cfg.parts!r} --preset={cfg.preset!r} --seeds={cfg.seeds}: parts from "
                         f"{','.join(PARTS)}, preset {' or '.join(SIZES)}, seeds >= 1")
+    if cfg.jobs < 1:
+        raise UserError(f"--jobs={cfg.jobs}: give the number of trainings to run at once (>= 1)")
     size, d, out = SIZES[cfg.preset], cfg.data_dir, cfg.out_dir
 
     def script(name, *args):
@@ -137,28 +143,39 @@ def commands(cfg):
     return chosen
 
 
-def run_step(step, record, log_dir):
+def spawn(argv, log_file, threads):
+    """Run argv with its output in log_file (threads: OMP_NUM_THREADS, 0 = inherited) -> (exit code, its CPU
+    seconds). os.wait4 gives this child's own usage, so parallel commands do not add to each other's time."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    child = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    _, status, usage = os.wait4(child.pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
+
+
+def run_step(step, record, log_dir, threads=0):
     """Run one command unless its output is complete (a checkpoint short of its max_iters resumes); add its times to
-    record."""
+    record (under LOCK: trainings may run in parallel threads)."""
     ckpt = load_checkpoint(step.output) if step.output.endswith("ckpt.pt") and os.path.isfile(step.output) else None
     partial = ckpt is not None and ckpt["step"] < ckpt["config"]["max_iters"]
     if os.path.isfile(step.output) and not partial:
         return log(f"  done already: {step.output}")
     argv = step.argv + (["--init_from=resume"] if partial else [])
     path = os.path.join(log_dir, step.name.replace(" ", "_") + ".log")
-    t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    log(f"  started: {step.name}")
+    t0 = time.time()
     with open(path, "w") as f:
         f.write(shlex.join(argv) + "\n")
         f.flush()
-        code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    cpu1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.time() - t0
+        code, cpu = spawn(argv, f, threads)
+    wall = time.time() - t0
     if code != 0:
         print("\n".join(open(path).read().splitlines()[-15:]))
         raise UserError(f"'{step.name}' failed (exit {code}); its log: {path}; fix and rerun python study.py")
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)  # each difference >= 0 exactly
-    entry = record["commands"].setdefault(step.output, {"part": step.part, "wall_s": 0.0, "cpu_s": 0.0})
-    entry.update(command=shlex.join(["python"] + argv[1:]), wall_s=entry["wall_s"] + wall, cpu_s=entry["cpu_s"] + cpu)
-    log(f"  {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU: {entry['command']}")
+    with LOCK:
+        entry = record["commands"].setdefault(step.output, {"part": step.part, "wall_s": 0.0, "cpu_s": 0.0})
+        entry.update(command=shlex.join(["python"] + argv[1:]), wall_s=entry["wall_s"] + wall,
+                     cpu_s=entry["cpu_s"] + cpu)
+    log(f"  {step.name}: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU: {entry['command']}")
 
 
 def machine():
@@ -234,10 +251,22 @@ def main(cfg):
     flags = [f"--{k}={v}" for k, v in config_dict(cfg).items() if k == "preset" or v != getattr(Config(), k)]
     record.update(commit=run_info("cpu").split(" | ")[0].removeprefix("commit "), machine=machine(),
                   study_command=shlex.join(["python", "study.py", *flags]))
-    for i, step in enumerate(todo):
-        log(f"[{i + 1}/{len(todo)}] {step.name}")
-        run_step(step, record, os.path.join(cfg.out_dir, "logs"))
-        save_record(cfg, record)  # after every command: a killed study keeps the times of the finished ones
+    # trainings need only the quick start's outputs, so they go first, cfg.jobs at a time; evaluations read them
+    trainings = [s for s in todo if s.output.endswith("ckpt.pt")]
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else 0
+    log_dir = os.path.join(cfg.out_dir, "logs")
+
+    def run(step):
+        log(f"[{todo.index(step) + 1}/{len(todo)}] {step.name}")
+        run_step(step, record, log_dir, threads if step in trainings else 0)
+        with LOCK:
+            save_record(cfg, record)  # after every command: a killed study keeps the times of the finished ones
+
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        list(pool.map(run, trainings))  # list(): re-raises the first failure
+    for step in todo:
+        if step not in trainings:
+            run(step)
     save_record(cfg, record)
     chosen = cfg.parts.split(",")
     if "table3" in chosen:

@@ -5,7 +5,8 @@ skipped, and per_scale / strength end to end on a tiny trained run (no test trai
 import importlib
 import json
 import os
-import types
+import sys
+import threading
 
 import pytest
 import torch
@@ -145,8 +146,7 @@ def test_finished_outputs_are_skipped_and_a_partial_run_resumes(tmp_path, monkey
     for path in [f"{d}/judge.pt", f"{d}/tok.pt", f"{d}/face.pt"] + [s.output for s in study.commands(cfg)]:
         fake_output(path)
     ran = []  # the commands that would run (each command itself: its script's tests)
-    run = lambda cmd, **kw: ran.append(cmd) or types.SimpleNamespace(returncode=0)  # noqa: E731
-    monkeypatch.setattr(study, "subprocess", types.SimpleNamespace(run=run, STDOUT=None))
+    monkeypatch.setattr(study, "spawn", lambda argv, log_file, threads: ran.append(argv) or (0, 0.0))
     record = study.main(cfg)
     assert ran == [] and record["total_cpu_s"] == 0 and record["machine"]["cores"] >= 1
     assert all(os.path.isfile(f"{cfg.out_dir}/{n}") for n in ("table3.md", "table4.md", "per_scale.png",
@@ -156,6 +156,46 @@ def test_finished_outputs_are_skipped_and_a_partial_run_resumes(tmp_path, monkey
     assert len(ran) == 1 and ran[0][1] == "train.py" and ran[0][-1] == "--init_from=resume"
     assert list(record["commands"]) == [f"{study.run_dir(cfg, 'no_hf', 1)}/ckpt.pt"]
     assert json.load(open(f"{cfg.out_dir}/study.json"))["total_cpu_s"] == record["total_cpu_s"] >= 0
+
+
+def test_jobs_run_trainings_side_by_side_then_the_evaluations(tmp_path, monkeypatch):
+    """--jobs=2: two trainings are in flight at once (a 2-party barrier only opens then), each with half the cores;
+    evaluations start after the last training, with the inherited thread count; a failed training stops the study."""
+    d = f"{tmp_path}/d"
+    cfg = tiny_study(tmp_path, "--jobs=2", "--parts=table3", f"--data_dir={d}", f"--tokenizer_ckpt={d}/tok.pt",
+                     f"--face_encoder_ckpt={d}/face.pt")
+    for path in [f"{d}/judge.pt", f"{d}/tok.pt", f"{d}/face.pt"]:
+        fake_output(path)
+    steps, barrier, ran = study.commands(cfg), threading.Barrier(2, timeout=20), []
+
+    def spawn(argv, log_file, threads):
+        step = next(s for s in steps if s.argv == argv)
+        if step.output.endswith("ckpt.pt"):
+            barrier.wait()  # raises BrokenBarrierError unless another training runs at the same time
+        ran.append((step, threads))
+        fake_output(step.output)
+        return 0, 1.5
+
+    monkeypatch.setattr(study, "spawn", spawn)
+    record = study.main(cfg)
+    trained = [s.output.endswith("ckpt.pt") for s, _ in ran]
+    assert len(ran) == len(steps) and trained == sorted(trained, reverse=True) and sum(trained) == 2 * 4
+    assert {t for s, t in ran} == {max(1, os.cpu_count() // 2), 0} and record["total_cpu_s"] == 1.5 * len(steps)
+    assert {t for s, t in ran if not s.output.endswith("ckpt.pt")} == {0}
+    os.remove(steps[0].output)
+    monkeypatch.setattr(study, "spawn", lambda argv, log_file, threads: (1, 0.0))
+    with pytest.raises(study.UserError, match="failed .exit 1.; its log"):
+        study.main(cfg)
+
+
+def test_spawn_reports_the_exit_code_the_thread_setting_and_the_childs_cpu(tmp_path):
+    code = "import os, sys, time; t = time.process_time(); print(os.environ['OMP_NUM_THREADS'])\n" \
+           "while time.process_time() - t < 0.2: pass\nsys.exit(3)"
+    with open(tmp_path / "log", "w") as f:
+        assert study.spawn([sys.executable, "-c", code], f, 1)[0] == 3
+    with open(tmp_path / "log", "w") as f:
+        exit_code, cpu = study.spawn([sys.executable, "-c", code], f, 5)
+    assert exit_code == 3 and cpu >= 0.2 and open(tmp_path / "log").read() == "5\n"
 
 
 def test_per_scale_and_strength_on_a_tiny_run(tiny_run, tmp_path, one_thread):
