@@ -23,7 +23,7 @@ head and mean IoU of the detector on held-out images.
 
 A library (eval.py and train_tokenizer.py load the trained judge with load_judge) with a command line that trains it,
 run from the repo root as a module:
-  python -m data.synthfaces.judge                # default data: about 2 min on 2 free CPU cores (--threads=1 if shared)
+  python -m data.synthfaces.judge                # default data: 2-5 min on 2 free CPU cores (machines differ)
   python -m data.synthfaces.judge --preset=tiny --data_dir=/tmp/synthfaces_tiny
   python -m data.synthfaces.judge --force=True --device=cuda       # retrain even if judge.pt exists
 
