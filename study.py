@@ -188,14 +188,15 @@ def machine():
 
 
 def seed_table(groups):
-    """{row label: [per-seed {metric: value}]} -> (markdown rows: mean ± sample std (n - 1; 0 for one seed) and the
-    number of seeds, {label: {metric: {mean, std, values}}}). Labels without runs are left out."""
+    """{row label: [per-seed {metric: value}]} -> (markdown rows: mean ± sample std (n - 1; no spread, and std None,
+    for one seed) and the number of seeds, {label: {metric: {mean, std, values}}}). Labels without runs are left out."""
     rows, numbers = ["| model | " + " | ".join(n for _, n in METRICS) + " | seeds |", "|---" * 5 + "|"], {}
     for label, runs in ((label, runs) for label, runs in groups.items() if runs):
         values = {key: [r[key] for r in runs] for key, _ in METRICS}
-        numbers[label] = {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+        numbers[label] = {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else None,
                               "values": v} for k, v in values.items()}
-        cells = [f"{numbers[label][k]['mean']:.4f} ± {numbers[label][k]['std']:.4f}" for k, _ in METRICS]
+        cells = [f"{numbers[label][k]['mean']:.4f}" + (f" ± {numbers[label][k]['std']:.4f}" if len(runs) > 1 else "")
+                 for k, _ in METRICS]
         rows.append(f"| {label} | {' | '.join(cells)} | {len(runs)} |")
     return rows, numbers
 
