@@ -2,7 +2,8 @@
 The paper's evidence at synthfaces scale in one command: Table 3 (the identity paths, trained over seeds), Fig. 8 as a
 number (FaceSim per scale), the identity-strength curves and Table 4 (the face encoder's losses, its face tokens
 downstream). It reuses the quick start's data, judge, tokenizer and face encoder (python quickstart.py first); a
-rerun skips finished outputs and resumes a partial training run. The parts and outputs: README.md, "The paper's evidence at our scale".
+rerun skips finished outputs and resumes a partial training run. The parts and outputs: README.md, section "The
+paper's evidence at our scale".
 
   python study.py                                    # every part, under out/study
   python study.py --parts=table3,per_scale --seeds=3 # parts: table3, per_scale, strength, table4
