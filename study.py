@@ -147,7 +147,9 @@ def commands(cfg):
 def spawn(argv, log_file, threads):
     """Run argv with its output in log_file (threads: OMP_NUM_THREADS, 0 = inherited) -> (exit code, its CPU
     seconds). os.wait4 gives this child's own usage, so parallel commands do not add to each other's time."""
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     child = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     _, status, usage = os.wait4(child.pid, 0)
     return os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
