@@ -96,6 +96,12 @@ def mlp_hidden(C, mlp_ratio):
 # 2-D rotary position embedding [RoFormer] as Infinity uses it (rope2d_normalized_by_hw=2)
 
 
+def scale_index(schedule, device=None):
+    """(L,) int64: the scale k of every token of `schedule`. Sizes come from the Python schedule, so torch.compile
+    traces it without the graph break of repeat_interleave over a tensor of sizes."""
+    return torch.cat([torch.full((h * w,), k, dtype=torch.long, device=device) for k, (h, w) in enumerate(schedule)])
+
+
 def rope_2d_positions(schedule, rope_grid):
     """Row and column (L,) int64 of every token of `schedule` [(h, w), ...] on the template's final '1M' grid
     (gh, gw) = rope_grid: token (i, j) of an h x w scale sits at (round(i gh / h), round(j gw / w)), computed in
@@ -514,11 +520,16 @@ class HEARTransformer(nn.Module):
             gss = self.shared_ada_lin(cond).view(B, 1, 6, -1)  # (B, 1, 6, C)
         return Condition(cond, gss, kv, kv_mask, hf, hf_null, id_scale)
 
+    def compile_blocks(self, **kwargs):
+        """torch.compile each block in place (regional compilation): the blocks share one compiled graph, so the cold
+        compile does not grow with depth, and parameter names (checkpoints) do not change."""
+        for block in self.blocks:
+            block.compile(**kwargs)
+
     def block_causal_mask(self, schedule, device):
         """Training mask: a token sees every token of its own and earlier scales [VAR]. FlexAttention BlockMask on
         CUDA (fully masked tiles are skipped), else an (L, L) bool tensor for SDPA (True = attend)."""
-        sizes = torch.tensor([h * w for h, w in schedule], device=device)
-        scale_id = torch.repeat_interleave(torch.arange(len(schedule), device=device), sizes)  # (L,)
+        scale_id = scale_index(schedule, device)  # (L,)
         use_flex = self.cfg.attn_backend == "flex" or (self.cfg.attn_backend == "auto" and device.type == "cuda")
         if not use_flex or create_block_mask is None:
             return scale_id[:, None] >= scale_id[None, :]  # (L, L)
@@ -548,8 +559,7 @@ class HEARTransformer(nn.Module):
             text, face_global, face_hf = self.drop_condition(text, drop_cond, face_global, face_hf)
         c = self.encode_condition(text, text_lens, face_global, face_hf, id_scale)
         x = torch.cat((c.cond[:, None] + self.pos_start, self.word_embed(x_BLC_wo_prefix)), dim=1)  # (B, L, C)
-        sizes = torch.tensor([h * w for h, w in schedule], device=x.device)
-        x = x + self.lvl_embed(torch.repeat_interleave(torch.arange(len(schedule), device=x.device), sizes))
+        x = x + self.lvl_embed(scale_index(schedule, x.device))
         rope = tuple(t.to(x.device) for t in rope_2d_table(schedule, rope_grid, self.blocks[0].sa.head_dim))
         mask = self.block_causal_mask(schedule, x.device)  # Eq. (8): scale k sees scales <= k only
         for block in self.blocks:
