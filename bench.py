@@ -43,7 +43,7 @@ class Config:
     preset: str = "synthfaces"  # preset name
     what: str = "train,tokenizer,sample,recompute"  # comma-separated stages (see above)
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False  # torch.compile the model (train), each block (sample), the VAE's encoder and decoder
+    compile: bool = False  # torch.compile each transformer block (train, sample), the VAE's encoder and decoder
     channels_last: bool = False  # channels_last memory format for the VAE's convolutions
     profile: bool = False  # print a torch.profiler per-op table of each timed stretch
     clock: str = "wall"  # wall | cpu: process CPU time (CPU only; at 1 thread the steadier figure on a busy box)
@@ -133,13 +133,14 @@ def transformer(cfg, device):
 
 def bench_train(cfg, device, s):
     net, B, L, d = s.net.train(), cfg.batch_size, s.L, s.net.cfg.codebook_dim
-    fwd = torch.compile(net) if cfg.compile else net
+    if cfg.compile:  # as train.py compiles: each block (model.compile_blocks)
+        net.compile_blocks()
     x, bits = torch.randn(B, L - 1, d, device=device) * d**-0.5, torch.randint(0, 2, (B, L, d), device=device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.startswith("cuda"))
 
     def step():
         with autocast(device):
-            logits = fwd(s.text, s.lens, x, s.schedule, s.grid, s.v_g, s.v_hf)
+            logits = net(s.text, s.lens, x, s.schedule, s.grid, s.v_g, s.v_hf)
         hear_model.bitwise_loss(logits, bits).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -185,8 +186,9 @@ def bench_tokenizer(cfg, device, _):
 @torch.no_grad()
 def bench_sample(cfg, device, s):
     net, vae, B = s.net.eval(), make_vae(cfg, device).eval(), cfg.batch_size
-    for part in [vae.decoder, *net.blocks] if cfg.compile else ():  # dynamic: every scale has its own lengths
-        part.compile(dynamic=True)
+    if cfg.compile:  # dynamic: every scale has its own lengths
+        vae.decoder.compile(dynamic=True)
+        net.compile_blocks(dynamic=True)
     z = torch.randn(B, net.cfg.codebook_dim, *s.schedule[-1], device=device)  # (B, d, H, W) summed codes
     steps = {"generate": lambda: s.generate(cfg_scale=3.0), "decode": lambda: vae.decode(z)}
     if cfg.t5_layers:  # a random T5 encoder: flan-t5-xl's shape at width 2048 and 24 layers (gated-GELU FFN 2.5 C)
