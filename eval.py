@@ -49,7 +49,8 @@ class Config:
     # generation
     ckpt: str = "out/hear/ckpt.pt"  # the train.py checkpoint
     prompts_per_identity: int = 4  # prompts (captions of other images) per held-out identity
-    guidance: float = 3.0  # CFG scale
+    guidance: float = 1.5  # CFG scale (synthfaces; infinity_2b preset: the official 3)
+    tau: float = 0.5  # logit temperature of the bit sampler (synthfaces; infinity_2b preset: 1)
     id_scale: float = 1.0  # lambda of Eq. (7)
     seed: int = 0  # sampling seed
     hf_from_scale: int = 0  # the high-frequency adapter acts from this scale on (0: every scale; K: never)
@@ -73,7 +74,7 @@ class Config:
     metrics: str = "out/hear/metrics.jsonl"  # train.py's metrics.jsonl
 
 
-PRESETS = {"synthfaces": {}}
+PRESETS = {"synthfaces": {}, "infinity_2b": {"guidance": 3.0, "tau": 1.0}}  # the sampler of the paper's scale
 
 
 def write_table(table, cfg):
@@ -207,10 +208,10 @@ def eval_generation(cfg, device):
         other = torch.stack([load_image(pool[k % len(pool)]["path"], (size, size)) for k in range(len(recs))])
         real = torch.stack([load_image(r["path"], (size, size)) for r in recs]).to(device)
         t = time.time()
-        images = generate(run, prompts, crops, gen, cfg.guidance, id_scale=cfg.id_scale,
+        images = generate(run, prompts, crops, gen, cfg.guidance, cfg.tau, id_scale=cfg.id_scale,
                           hf_from_scale=cfg.hf_from_scale)[0]
         seconds, n_img = seconds + time.time() - t, n_img + len(recs)
-        null = generate(run, prompts, crops, gen, cfg.guidance, id_scale=cfg.id_scale, null_face=True)[0]
+        null = generate(run, prompts, crops, gen, cfg.guidance, cfg.tau, id_scale=cfg.id_scale, null_face=True)[0]
         for name, x in (("HEAR (face + prompt)", images), ("null face (prompt only)", null),
                         ("real image, same identity (upper bound)", real),
                         ("real image through the tokenizer (its ceiling)", through_tokenizer(run.vae, real)),
@@ -222,7 +223,8 @@ def eval_generation(cfg, device):
     for name, m in means.items():
         table.append(f"| {name} | {m['face_sim']:.4f} | {m['top1']:.4f} | {m['prompt_acc']:.4f} |")
     table.append(f"\n{len(ids)} held-out identities x {cfg.prompts_per_identity} prompts, cfg {cfg.guidance}, "
-                 f"top-1 chance {1 / len(ids):.3f}, {seconds / n_img:.3f} s per generated image (decoder included)")
+                 f"tau {cfg.tau}, top-1 chance {1 / len(ids):.3f}, {seconds / n_img:.3f} s per generated image "
+                 "(decoder included)")
     table = write_table("\n".join(table), cfg)
     write_json({"rows": means, "identities": len(ids), "prompts_per_identity": cfg.prompts_per_identity,
                 "seconds_per_image": seconds / n_img, "ckpt": cfg.ckpt, "step": run.step}, cfg)
@@ -241,7 +243,7 @@ def eval_gallery(cfg, device):
     refs, n_prompts = refs[: cfg.gallery_ids], len(cfg.gallery_prompts)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     crops = refs.repeat_interleave(n_prompts, 0)  # (N * P, 3, S, S): each identity once per prompt
-    images, per_scale = generate(run, list(cfg.gallery_prompts) * len(refs), crops, gen, cfg.guidance,
+    images, per_scale = generate(run, list(cfg.gallery_prompts) * len(refs), crops, gen, cfg.guidance, cfg.tau,
                                  id_scale=cfg.id_scale)
     size = images.shape[-1]
     refs = torch.nn.functional.interpolate(refs, size=(size, size), mode="bilinear", antialias=True)
@@ -303,7 +305,8 @@ def eval_photos(cfg, device):
     def image(k):
         gen = torch.Generator(device=device).manual_seed(cfg.seed + k)
         crop = crops[pairs[k][0]][None].to(device)
-        return generate(run, [pairs[k][1]], crop, gen, cfg.guidance, id_scale=cfg.id_scale)[0].cpu()  # (1, 3, H, W)
+        out = generate(run, [pairs[k][1]], crop, gen, cfg.guidance, cfg.tau, id_scale=cfg.id_scale)[0]
+        return out.cpu()  # (1, 3, H, W)
 
     image(0)  # warm-up, not timed
     t = time.time()
@@ -344,7 +347,7 @@ def score_setting(cfg, run, judge, held_out, per_scale=False, **knobs):
     for n, i in enumerate(ids):
         recs = by_id[i][1: 1 + cfg.prompts_per_identity]
         own, crops = torch.full((len(recs),), n, device=refs.device), refs[n: n + 1].expand(len(recs), -1, -1, -1)
-        images, sums = generate(run, [r["caption_short"] for r in recs], crops, gen, cfg.guidance, **knobs)
+        images, sums = generate(run, [r["caption_short"] for r in recs], crops, gen, cfg.guidance, cfg.tau, **knobs)
         scores = judge_scores(judge, images, ref_embs, own, [r["attributes"] for r in recs])
         if per_scale:
             scores["per_scale"] = per_scale_face_sim(judge, run.vae.decode, sums, ref_embs, own)  # (K, B)
@@ -417,8 +420,8 @@ def eval_references(cfg, device):
         for n, i in enumerate(ids):
             recs = by_id[i][kmax: kmax + P]
             refs = crops[i][None, :k].expand(len(recs), -1, -1, -1, -1)  # (B, k, 3, S, S)
-            images = generate(run, [r["caption_short"] for r in recs], refs, gen, cfg.guidance, id_scale=cfg.id_scale,
-                              face_combine=mode, null_face=name.startswith("null"))[0]
+            images = generate(run, [r["caption_short"] for r in recs], refs, gen, cfg.guidance, cfg.tau,
+                              id_scale=cfg.id_scale, face_combine=mode, null_face=name.startswith("null"))[0]
             own = torch.full((len(recs),), n, device=device)
             for key, v in judge_scores(judge, images, targets, own, [r["attributes"] for r in recs]).items():
                 m.setdefault(key, []).append(v.cpu())

@@ -38,8 +38,8 @@ class Config:
     negative_prompt: str = ""  # optional negative prompt (else the learned null caption)
     out: str = "out/samples/sample.png"  # output PNG (a grid of num_samples)
     num_samples: int = 4  # images for this face + prompt
-    cfg: float = 3.0  # classifier-free guidance scale (official default 3)
-    tau: float = 1.0  # logit temperature
+    cfg: float = 1.5  # classifier-free guidance scale (synthfaces; infinity_2b preset: the official 3)
+    tau: float = 0.5  # logit temperature (synthfaces; infinity_2b preset: 1)
     top_k: int = 900  # top-k on the 2-way bit logits (a no-op >= 2, kept for parity with the official sampler)
     top_p: float = 0.97  # top-p on the bit logits
     id_scale: float = 1.0  # lambda of Eq. (7): strength of the high-frequency adapter
@@ -57,7 +57,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
 
 
-PRESETS = {"synthfaces": {}, "infinity_2b": {"face_detector": "auto", "ckpt": "out/hear_2b/ckpt.pt"}}
+PRESETS = {"synthfaces": {},
+           "infinity_2b": {"face_detector": "auto", "ckpt": "out/hear_2b/ckpt.pt", "cfg": 3.0, "tau": 1.0}}
 
 
 def validate(cfg):
