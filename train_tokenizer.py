@@ -45,7 +45,7 @@ class Config:
     image_size: int = 64  # training/eval resolution (square)
     # optimisation
     batch_size: int = 16  # global batch (split over DDP ranks)
-    max_iters: int = 650  # optimizer steps (the synthfaces default fits 5 CPU minutes)
+    max_iters: int = 350  # optimizer steps (synthfaces: ~5.5 min on the slower 2-core CPU; the quick start's budget)
     learning_rate: float = 2e-3  # AdamW peak lr
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
     warmup_iters: int = 50  # linear warmup steps
@@ -71,7 +71,7 @@ class Config:
     compile: bool = False  # torch.compile the VAE
     seed: int = 0  # data order and init
     log_interval: int = 50  # steps between log lines
-    eval_interval: int = 650  # steps between held-out evaluations + checkpoints
+    eval_interval: int = 350  # steps between held-out evaluations + checkpoints
     eval_images: int = 256  # held-out images used for PSNR/SSIM
     nan_policy: str = "stop"  # a NaN / inf loss: stop (error, last checkpoint kept) | skip (drop the update, count it)
     dist_timeout_s: float = 600.0  # DDP: seconds a collective waits for a lost rank (rank 0 evaluates meanwhile)
@@ -80,8 +80,8 @@ class Config:
 PRESETS = {
     "synthfaces": {},
     "synthfaces_face": {"out_dir": "out/face_encoder", "init_from": "out/tokenizer/ckpt.pt", "face_mask": True,
-                        "id_weight": 0.1, "id_net": "judge", "max_iters": 200, "learning_rate": 3e-4,
-                        "warmup_iters": 20, "eval_interval": 200, "log_interval": 50},
+                        "id_weight": 0.1, "id_net": "judge", "max_iters": 100, "learning_rate": 3e-4,
+                        "warmup_iters": 10, "eval_interval": 100, "log_interval": 25},
     "infinity_face": {"out_dir": "out/face_encoder_2b", "init_from": "infinity:weights/infinity_vae_d32reg.pth",
                       "image_size": 256, "batch_size": 64, "max_iters": 20000, "learning_rate": 1e-5,
                       "face_mask": True, "lpips_weight": 0.5, "clip_weight": 0.1, "id_weight": 0.1,
