@@ -101,14 +101,16 @@ def test_bf16_forward_within_bar_of_the_official_fp32_fixture(fixtures_dir):
 
 
 def test_compiled_training_step_equals_eager():
-    """torch.compile of forward + backward (FlexAttention inside, as on every CUDA training step): same loss, same
-    gradients up to fp32 reordering (Inductor fuses and re-associates reductions: 1e-6 relative)."""
-    eager = make_model(depth=1).train()  # one block: compile time grows with the unrolled graph
+    """Each block compiled as train.py does (model.compile_blocks; FlexAttention inside, as on every CUDA training
+    step), forward + backward: same loss, same gradients up to fp32 reordering (Inductor fuses and re-associates
+    reductions: 1e-6 relative). Two blocks, so the second reuses the first one's compiled graph."""
+    eager = make_model(depth=2).train()
     compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
     (text, lens, fg, fhf, x), bits = make_inputs()
     labels = torch.cat([b.flatten(1, 2) for b in bits], dim=1)  # (B, L, d)
     losses = []
-    for model, fwd in ((eager, eager), (compiled, torch.compile(compiled))):
+    for model, fwd in ((eager, eager), (compiled, compiled)):
         for _ in range(2):  # the second call runs the cached graph
             model.zero_grad(set_to_none=True)
             loss = bitwise_loss(fwd(text, lens, x, SCHEDULE, GRID, fg, fhf), labels)
@@ -129,8 +131,8 @@ def test_compiled_sampling_blocks_equal_eager():
     (text, lens, fg, fhf, _), bits = make_inputs()
     logits = []
     for compile_blocks in (False, True):
-        for block in model.blocks if compile_blocks else ():
-            block.compile(dynamic=True)
+        if compile_blocks:
+            model.compile_blocks(dynamic=True)
         probe = {"teacher_bits": bits}
         model.generate(text, lens, SCHEDULE, GRID, cfg_scale=3.0, face_global=fg, face_hf=fhf, probe=probe,
                        generator=torch.Generator(device="cuda").manual_seed(0))
