@@ -96,12 +96,6 @@ def mlp_hidden(C, mlp_ratio):
 # 2-D rotary position embedding [RoFormer] as Infinity uses it (rope2d_normalized_by_hw=2)
 
 
-def scale_index(schedule, device=None):
-    """(L,) int64: the scale k of every token of `schedule`. Sizes come from the Python schedule, so torch.compile
-    traces it without the graph break of repeat_interleave over a tensor of sizes."""
-    return torch.cat([torch.full((h * w,), k, dtype=torch.long, device=device) for k, (h, w) in enumerate(schedule)])
-
-
 def rope_2d_positions(schedule, rope_grid):
     """Row and column (L,) int64 of every token of `schedule` [(h, w), ...] on the template's final '1M' grid
     (gh, gw) = rope_grid: token (i, j) of an h x w scale sits at (round(i gh / h), round(j gw / w)), computed in
@@ -521,15 +515,14 @@ class HEARTransformer(nn.Module):
         return Condition(cond, gss, kv, kv_mask, hf, hf_null, id_scale)
 
     def compile_blocks(self, **kwargs):
-        """torch.compile each block in place (regional compilation): the blocks share one compiled graph, so the cold
-        compile does not grow with depth, and parameter names (checkpoints) do not change."""
+        """torch.compile each block in place: one shared graph, whatever the depth; parameter names do not change."""
         for block in self.blocks:
             block.compile(**kwargs)
 
-    def block_causal_mask(self, schedule, device):
-        """Training mask: a token sees every token of its own and earlier scales [VAR]. FlexAttention BlockMask on
-        CUDA (fully masked tiles are skipped), else an (L, L) bool tensor for SDPA (True = attend)."""
-        scale_id = scale_index(schedule, device)  # (L,)
+    def block_causal_mask(self, schedule, scale_id):
+        """Training mask from each token's scale (L,), built from the Python schedule (a compile-friendly static shape):
+        a token sees its own and earlier scales [VAR]. FlexAttention BlockMask on CUDA, else (L, L) bool for SDPA."""
+        device = scale_id.device
         use_flex = self.cfg.attn_backend == "flex" or (self.cfg.attn_backend == "auto" and device.type == "cuda")
         if not use_flex or create_block_mask is None:
             return scale_id[:, None] >= scale_id[None, :]  # (L, L)
@@ -559,9 +552,10 @@ class HEARTransformer(nn.Module):
             text, face_global, face_hf = self.drop_condition(text, drop_cond, face_global, face_hf)
         c = self.encode_condition(text, text_lens, face_global, face_hf, id_scale)
         x = torch.cat((c.cond[:, None] + self.pos_start, self.word_embed(x_BLC_wo_prefix)), dim=1)  # (B, L, C)
-        x = x + self.lvl_embed(scale_index(schedule, x.device))
+        scale_id = torch.cat([torch.full((h * w,), k, device=x.device) for k, (h, w) in enumerate(schedule)])  # (L,)
+        x = x + self.lvl_embed(scale_id)
         rope = tuple(t.to(x.device) for t in rope_2d_table(schedule, rope_grid, self.blocks[0].sa.head_dim))
-        mask = self.block_causal_mask(schedule, x.device)  # Eq. (8): scale k sees scales <= k only
+        mask = self.block_causal_mask(schedule, scale_id)  # Eq. (8): scale k sees scales <= k only
         for block in self.blocks:
             if self.cfg.grad_checkpointing and self.training:
                 x = checkpoint(block, x, c, rope, mask, use_reentrant=False)

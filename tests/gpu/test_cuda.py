@@ -63,7 +63,8 @@ def test_flex_attention_block_mask_equals_sdpa_mask():
     model.cfg.attn_backend = "sdpa"
     ref = model(text, lens, x, SCHEDULE, GRID, fg, fhf)
     model.cfg.attn_backend = "flex"
-    assert isinstance(model.block_causal_mask(SCHEDULE, x.device), BlockMask)
+    scale_id = torch.cat([torch.full((h * w,), k, device=x.device) for k, (h, w) in enumerate(SCHEDULE)])  # (L,)
+    assert isinstance(model.block_causal_mask(SCHEDULE, scale_id), BlockMask)
     got = model(text, lens, x, SCHEDULE, GRID, fg, fhf)
     # fp32 both; the Triton kernel's online softmax sums its 128-key tiles in another order than SDPA (~1e-6 here).
     # A wrong tile (a masked block run or a visible one skipped) moves these logits by 1e-2 or more.
