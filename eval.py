@@ -27,6 +27,7 @@ import time
 import torch
 
 from common import UserError, cli, log, run_info, setup_device
+from data.curation import write_atomic
 from data.manifest import geometry, load_image, read_manifest
 from metrics import evaluate_tokenizer, judge_scores, line_plot, per_scale_face_sim, summarize
 from pipeline import (check_output, check_prompt, face_paths, generate, hf_scale_sides, load_run, load_tokenizer,
@@ -82,9 +83,7 @@ def write_table(table, cfg):
     log(table)
     if cfg.out:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-        with open(f"{cfg.out}.tmp{os.getpid()}", "w") as f:  # then renamed: never a half-written table
-            f.write(table + "\n")
-        os.replace(f.name, cfg.out)
+        write_atomic(cfg.out, table + "\n")  # never a half-written table
     return table
 
 
@@ -92,10 +91,7 @@ def write_json(numbers, cfg):
     """The numbers of a table -> <out stem>.json (when --out is set), for study.py; written last and atomically, so
     its presence marks a finished evaluation."""
     if cfg.out:
-        path = os.path.splitext(cfg.out)[0] + ".json"
-        with open(path + ".tmp", "w") as f:
-            json.dump(numbers, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_atomic(os.path.splitext(cfg.out)[0] + ".json", json.dumps(numbers, indent=1))
     return numbers
 
 
@@ -305,8 +301,7 @@ def eval_photos(cfg, device):
     def image(k):
         gen = torch.Generator(device=device).manual_seed(cfg.seed + k)
         crop = crops[pairs[k][0]][None].to(device)
-        out = generate(run, [pairs[k][1]], crop, gen, cfg.guidance, cfg.tau, id_scale=cfg.id_scale)[0]
-        return out.cpu()  # (1, 3, H, W)
+        return generate(run, [pairs[k][1]], crop, gen, cfg.guidance, cfg.tau, id_scale=cfg.id_scale)[0].cpu()
 
     image(0)  # warm-up, not timed
     t = time.time()
