@@ -2,10 +2,8 @@
 Speed, peak memory and MFU at the sizes of a preset, random weights and inputs (a benchmark, not a test).
 
 CPU figures at the quick-start sizes (issue 10), each on an otherwise idle machine, eager and compiled:
-  python bench.py --what=train                                    # transformer step: tokens/s, cpu_mfu
-  python bench.py --what=train --compile=True
-  python bench.py --what=tokenizer --batch_size=16                # tokenizer step: img/s, cpu_mfu
-  python bench.py --what=tokenizer --batch_size=16 --compile=True  # (and --channels_last=True)
+  python bench.py --what=train [--compile=True]                   # transformer step: tokens/s, cpu_mfu
+  python bench.py --what=tokenizer --batch_size=16 [--compile=True] [--channels_last=True]  # img/s, cpu_mfu
   python bench.py --what=recompute                      # KV cache vs recompute: ratio, token_limit 1.69x, of_limit
   python bench.py --what=recompute --pn=1M --batch_size=1         # the 13-scale 1M schedule: token_limit 2.56x
 --profile=True adds each stage's per-op table; on a busy box, OMP_NUM_THREADS=1 with --clock=cpu is steadier.
