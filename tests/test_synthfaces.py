@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -39,10 +40,12 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir):
-    """Train the tiny judge once for the module: (metrics, judge.pt path)."""
-    cfg = parse_config(J.Config, J.PRESETS, ["--preset=tiny", f"--data_dir={data_dir}"])
-    return J.main(cfg), os.path.join(data_dir, "judge.pt")
+def trained(data_dir, tmp_path_factory):
+    """Train the tiny judge once for the module, in a copy of the data (the shared `data_dir` stays as prepare.py
+    wrote it, whatever order the tests run in): (metrics, judge.pt path)."""
+    judged = shutil.copytree(data_dir, tmp_path_factory.mktemp("synthfaces_judged") / "a")
+    cfg = parse_config(J.Config, J.PRESETS, ["--preset=tiny", f"--data_dir={judged}"])
+    return J.main(cfg), os.path.join(judged, "judge.pt")
 
 
 def test_prepare_is_deterministic(data_dir, tmp_path):
@@ -134,7 +137,7 @@ def test_tokenizer_round_trip(data_dir):
     assert tok("a zebra")["input_ids"] == [tok.convert_tokens_to_ids("a"), 2, 1]
 
 
-def test_judge_learns_and_loads(trained, data_dir):
+def test_judge_learns_and_loads(trained):
     metrics, path = trained
     for name, history in metrics["history"].items():  # [[loss, train accuracy] per epoch]
         assert history[-1][0] < 0.7 * history[0][0], f"{name} loss did not go down: {history}"
@@ -144,7 +147,8 @@ def test_judge_learns_and_loads(trained, data_dir):
     assert set(raw) == {"model", "judge_config", "config", "metrics"}
     # cached: a second call without --force returns the stored metrics and does not rewrite judge.pt
     mtime = os.path.getmtime(path)
-    assert J.main(parse_config(J.Config, J.PRESETS, ["--preset=tiny", f"--data_dir={data_dir}"])) == metrics
+    judged = os.path.dirname(path)
+    assert J.main(parse_config(J.Config, J.PRESETS, ["--preset=tiny", f"--data_dir={judged}"])) == metrics
     assert os.path.getmtime(path) == mtime
 
 
