@@ -14,6 +14,24 @@ torch.set_num_threads(1 if os.environ.get("OMP_NUM_THREADS") == "1" else 2)  # e
 FIXTURES = os.environ.get("HEAR_FIXTURES", os.path.join(os.path.dirname(__file__), "fixtures", "infinity"))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """HEAR_TEST_SEED=N picks pytest-randomly's test order (as --randomly-seed=N would); .ci/run sets it."""
+    seed = os.environ.get("HEAR_TEST_SEED")
+    if seed and config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_seed") == "default":
+        config.option.randomly_seed = int(seed)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The test order, so that a failure that depends on it can be rerun (printed also with -q)."""
+    if config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_reorganize"):
+        seed = config.getoption("randomly_seed")
+        terminalreporter.write_line(f"test order: shuffled with seed {seed}; rerun it with "
+                                    f"python3 -m pytest tests -q --randomly-seed={seed}")
+    else:
+        terminalreporter.write_line("test order: as written (pytest-randomly is not installed or is turned off)")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
