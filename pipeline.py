@@ -114,12 +114,13 @@ class TextToBits(nn.Module):
 
 
 def build_hear(cfg, text_channels, d, face_dim, global_dim):
-    """A new HEAR transformer of cfg's sizes, or (init_from=infinity:<path>) the official weights with HEAR's new
-    parameters initialised -> (model, load report or None). cfg: train.py's Config."""
+    """A new HEAR transformer of cfg's sizes, or the official weights (init_from=infinity:<path>) or a base model's
+    (init_from=<a train.py checkpoint>) with HEAR's new parameters initialised -> (model, load report or None).
+    cfg: train.py's Config."""
     hear_cfg = dict(use_global_face=cfg.use_global_face, global_face_dim=global_dim, use_hf_adapter=cfg.use_hf_adapter,
                     hf_face_dim=face_dim, grad_checkpointing=cfg.grad_checkpointing, drop_path_rate=cfg.drop_path_rate)
-    if cfg.init_from.startswith("infinity:"):
-        return hear_model.load_infinity(cfg.init_from.split(":", 1)[1], **hear_cfg)
+    if cfg.init_from not in ("scratch", "resume"):
+        return hear_model.load_infinity(cfg.init_from.removeprefix("infinity:"), **hear_cfg)
     mcfg = hear_model.ModelConfig(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
                                   mlp_ratio=cfg.mlp_ratio, codebook_dim=d, text_channels=text_channels,
                                   text_maxlen=cfg.text_maxlen, **hear_cfg)
@@ -158,7 +159,10 @@ def load_run(path, device="cpu", use_ema=True):
         load_weights(text_enc, ckpt["text_encoder"], path)
     hear = hear_model.HEARTransformer(hear_model.ModelConfig(**ckpt["model_config"]))
     load_weights(hear, ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"], path)
-    vae, face_enc = (load_tokenizer(c[k])[0].to(device) for k in ("tokenizer_ckpt", "face_encoder_ckpt"))
+    beside = os.path.dirname(os.path.abspath(path))  # a bare file name is a file next to the checkpoint (shipped)
+    vae, face_enc = (load_tokenizer(c[k] if os.path.dirname(c[k]) or c[k].startswith("infinity:") else
+                                    os.path.join(beside, c[k]))[0].to(device) for k in ("tokenizer_ckpt",
+                                                                                          "face_encoder_ckpt"))
     if vae.cfg.codebook_dim != hear.cfg.codebook_dim:  # the tokenizer file was replaced since training
         raise CheckpointMismatchError(f"{path}: its tokenizer {c['tokenizer_ckpt']} has {vae.cfg.codebook_dim} bits "
                                       f"per token, the transformer was trained on {hear.cfg.codebook_dim}; restore "

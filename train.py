@@ -37,7 +37,8 @@ from common import UserError, autocast, cli, log, lr_schedule, run_info, save_co
 from data.manifest import (aspect_buckets, epoch_batches, geometry, identity_pools, load_example, load_face_crop,
                            pick_references, read_manifest)
 from metrics import peak_flops
-from pipeline import TextToBits, build_hear, build_text_encoder, face_conditions, load_tokenizer, read_vocab
+from pipeline import (TextToBits, build_hear, build_text_encoder, face_conditions, load_tokenizer, load_weights,
+                      read_vocab)
 
 
 
@@ -50,7 +51,7 @@ class Config:
     preset: str = "synthfaces"  # preset name (recorded in the checkpoint)
     data_dir: str = "data/synthfaces/out"  # folder (or file) of the JSONL manifest (format above)
     out_dir: str = "out/hear"  # checkpoints, config.json, log.txt, metrics.jsonl
-    init_from: str = "scratch"  # scratch | resume | infinity:<official infinity_2b_reg.pth>
+    init_from: str = "scratch"  # scratch | resume | infinity:<official infinity_2b_reg.pth> | <train.py ckpt> (a base)
     tokenizer_ckpt: str = "out/tokenizer/ckpt.pt"  # frozen generation tokenizer: our ckpt or infinity:<vae .pth>
     face_encoder_ckpt: str = "out/face_encoder/ckpt.pt"  # frozen face encoder (train_tokenizer.py, face preset)
     # transformer (ignored with init_from=infinity:..., where the weights fix the sizes)
@@ -117,6 +118,12 @@ PRESETS = {
                     "grad_checkpointing": True, "compile": True, "ema_decay": 0.9999, "log_interval": 100,
                     "train_params": "adapter", "self_ref_prob": 0.0, "cosine_decay": False,  # the paper's recipe
                     "save_interval": 5000},
+    # the synthfaces foundation's text-to-image base: no identity paths (the face encoder is never read)
+    "synthfaces_base": {"out_dir": "out/base", "use_global_face": False, "use_hf_adapter": False, "max_iters": 12000,
+                        "face_encoder_ckpt": "out/tokenizer/ckpt.pt", "save_interval": 1000},
+    # HEAR fine-tuned on the shipped base (quickstart.py): the identity paths are new, the rest starts pretrained
+    "synthfaces_hear": {"init_from": "weights/synthfaces/base.pt", "tokenizer_ckpt": "weights/synthfaces/tokenizer.pt",
+                        "max_iters": 900},
     "tiny": {"depth": 2, "embed_dim": 64, "num_heads": 4, "image_size": 16, "face_size": 16, "hf_first_scale": 2,
              "batch_size": 4, "max_iters": 4, "warmup_iters": 1, "log_interval": 1, "save_interval": 2,
              "text_layers": 1, "text_heads": 2, "compile": False},
@@ -164,12 +171,20 @@ def param_groups(module, weight_decay):
 
 
 def build_model(cfg, vae, face_enc, global_enc, resumed, master):
-    """-> (text encoder, caption tokenizer, HEAR transformer, text trainable?): resumed, new or official weights."""
-    vocab = resumed.get("caption_tokenizer") if resumed else None
+    """-> (text encoder, caption tokenizer, HEAR transformer, text trainable?): resumed, new, official weights, or a
+    base (init_from=<a train.py checkpoint>: its transformer as official weights are loaded, and its text encoder)."""
+    base = None if cfg.init_from in ("scratch", "resume") or cfg.init_from.startswith("infinity:") else cfg.init_from
+    base_ckpt = load_checkpoint(base) if base else None
+    if base and "model_config" not in base_ckpt:
+        raise UserError(f"--init_from={base}: not a train.py checkpoint (no model_config); pass a base model's ckpt.pt")
+    vocab = (resumed or base_ckpt or {}).get("caption_tokenizer")
     if cfg.text_encoder == "tiny" and vocab is None:
         vocab = read_vocab(cfg.data_dir)
-    text_enc, caption_tokenizer, train_text = build_text_encoder(cfg.text_encoder, vocab, cfg.text_channels,
-                                                                 cfg.text_layers, cfg.text_heads)
+    text_cfg = (resumed or base_ckpt or {"config": vars(cfg)})["config"]  # a base or the resumed run fixes its sizes
+    text_enc, caption_tokenizer, train_text = build_text_encoder(cfg.text_encoder, vocab, text_cfg["text_channels"],
+                                                                 text_cfg["text_layers"], text_cfg["text_heads"])
+    if base and train_text:
+        load_weights(text_enc, base_ckpt["text_encoder"], base)
     if resumed is not None:  # the architecture comes from the checkpoint
         hear = hear_model.HEARTransformer(hear_model.ModelConfig(**resumed["model_config"]))
         hear.load_state_dict(resumed["model"])

@@ -175,3 +175,21 @@ def test_reference_crop_is_cut_from_the_references_own_image(tmp_path):
     crop = load_face_crop({"path": str(tmp_path / "p.png"), "face_box": [8, 40, 24, 56]}, 16, crop_scale=1.0)
     assert crop.shape == (3, 16, 16)
     assert crop[0].min() > 0.9 and crop[1:].max() < -0.9  # red everywhere: box and crop coincide
+
+
+def test_fine_tune_from_a_base_loads_its_transformer_and_text_encoder(tiny_run, tmp_path):
+    """init_from=<a text-only base's ckpt.pt>: every base tensor arrives unchanged, HEAR's paths are new (W'_K, W'_V
+    copies of the loaded W_K, W_V, Eq. 6); a file that is not a train.py checkpoint is one line."""
+    base, hear = str(tmp_path / "base"), str(tmp_path / "hear")
+    run(args(tiny_run, base, "--use_global_face=False", "--use_hf_adapter=False", "--max_iters=2"))
+    history = run(args(tiny_run, hear, f"--init_from={base}/ckpt.pt", "--max_iters=1", "--learning_rate=0"))
+    b, h = load_checkpoint(f"{base}/ckpt.pt"), load_checkpoint(f"{hear}/ckpt.pt")
+    new = {k for k in h["model"] if k not in b["model"]}
+    assert new and all(k.startswith("face_") or "_hf" in k for k in new)
+    assert all(torch.equal(h["model"][k], v) for k, v in b["model"].items())  # lr 0: nothing moved
+    assert all(torch.equal(h["text_encoder"][k], v) for k, v in b["text_encoder"].items())
+    assert all(torch.equal(h["model"][k.replace("mat_kv", "mat_kv_hf")], v) for k, v in b["model"].items()
+               if k.startswith("blocks.") and k.endswith("ca.mat_kv.weight"))
+    assert h["caption_tokenizer"] == b["caption_tokenizer"] and math.isfinite(history[0]["loss"])
+    with pytest.raises(UserError, match="not a train.py checkpoint"):
+        run(args(tiny_run, str(tmp_path / "bad"), f"--init_from={tiny_run[1]}"))
