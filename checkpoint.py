@@ -11,6 +11,8 @@ HEAR_TEST_HOLD_SAVE, HEAR_TEST_NAN_STEP, HEAR_TEST_KILL.
 
 import contextlib
 import glob
+import hashlib
+import json
 import math
 import os
 import pickle
@@ -65,9 +67,11 @@ def _test_hold(path):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) with a one-line error for a missing or foreign file."""
+    """torch.load(weights_only=True) with a one-line error for a missing or foreign file. A file listed in a
+    manifest.json beside it (the shipped weights, weights/synthfaces) must have the SHA-256 the manifest records."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
+    check_manifest(path)
     try:
         with warnings.catch_warnings():  # torch warns (several lines) about pickle protocols it did not write
             warnings.simplefilter("ignore")
@@ -82,6 +86,42 @@ def load_checkpoint(path, map_location="cpu"):
         first = str(e).splitlines()[0].split(". ")[0][:120]  # torch's first sentence
         raise UserError(f"{path} is truncated or not a loadable checkpoint ({type(e).__name__}: {first}); use an "
                         "intact copy of the file training wrote") from None
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_manifest(path):
+    """If <folder of path>/manifest.json lists this file, its SHA-256 must match: a changed or damaged shipped file is
+    refused with one line before anything is read from it."""
+    manifest = os.path.join(os.path.dirname(os.path.abspath(path)), "manifest.json")
+    if not os.path.isfile(manifest):
+        return
+    with open(manifest) as f:
+        entry = json.load(f).get("files", {}).get(os.path.basename(path))
+    if entry is not None and sha256(path) != entry["sha256"]:
+        raise CheckpointMismatchError(f"{path}: its SHA-256 differs from the one {manifest} records (the file was "
+                                      "changed or damaged); restore it (git checkout -- <file>) or rebuild the "
+                                      "foundation (python quickstart.py --preset=foundation)")
+
+
+def export_weights(ckpt, path, keep):
+    """A shippable copy of a training checkpoint: only the `keep` entries (no optimizer or RNG state), the EMA weights
+    as "model" when there are any, every floating-point tensor in fp16 (half the size; loading casts them back to the
+    model's dtype), written atomically -> its SHA-256."""
+    out = {k: ckpt[k] for k in keep if k in ckpt}
+    if ckpt.get("ema"):
+        out["model"] = ckpt["ema"]
+    for k in ("model", "text_encoder"):
+        if isinstance(out.get(k), dict):
+            out[k] = {n: t.half() if t.is_floating_point() else t for n, t in out[k].items()}
+    save_checkpoint(out, path)
+    return sha256(path)
 
 
 def read_state_dict(src, unwrap=()):

@@ -64,7 +64,7 @@ class Config:
     face_mask: bool = False  # weight the pixel losses by the face mask of Eq. (2) (alpha inside the box, 1 outside)
     face_alpha: float = 2.0  # alpha of Eq. (2) inside the face box
     dino_path: str = ""  # local folder of a transformers Dinov2Model (e.g. dinov2-base), for clip_weight
-    id_net: str = ""  # "judge" (synthfaces judge's loss network) or an IResNet/AdaFace checkpoint path
+    id_net: str = ""  # judge (the synthfaces judge's loss net, <data_dir>/judge.pt) | judge:<judge.pt> | IResNet path
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always fp32)
@@ -104,10 +104,10 @@ def build_tokenizer(cfg):
 
 def build_id_net(cfg, device):
     """The frozen recognizer of the identity loss: the synthfaces judge's loss network, or an IResNet/AdaFace."""
-    if cfg.id_net == "judge":
+    if cfg.id_net == "judge" or cfg.id_net.startswith("judge:"):
         from data.synthfaces.judge import load_judge
 
-        path = os.path.join(cfg.data_dir, "judge.pt")
+        path = cfg.id_net.removeprefix("judge:") if ":" in cfg.id_net else os.path.join(cfg.data_dir, "judge.pt")
         if not os.path.isfile(path):
             raise UserError(f"{path} not found; train it with python -m data.synthfaces.judge")
         return JudgeIdentity(load_judge(path, device))
