@@ -39,7 +39,7 @@ class Config:
     preset: str = "synthfaces"  # preset name
     what: str = "tokenizer"  # tokenizer | generation | gallery | photos | per_scale | strength | references | curves
     data_dir: str = "data/synthfaces/out"  # manifest folder; the "test" split (held-out identities) is used
-    judge: str = "data/synthfaces/out/judge.pt"  # the synthfaces judge ("" = no identity column for tokenizers)
+    judge: str = "weights/synthfaces/judge.pt"  # the synthfaces judge (the shipped one; "" = no identity column)
     device: str = "auto"  # auto | cpu | cuda
     out: str = ""  # optional output file: the markdown table (or the curves PNG)
     # tokenizer
@@ -196,6 +196,8 @@ def eval_generation(cfg, device):
     ids, by_id, refs = held_out_identities(cfg, run.config["face_size"], device)
     ref_embs = judge.embed(refs, "eval")  # (N, E): one reference crop per identity
     rows, gen, seconds, n_img = {}, torch.Generator(device=device).manual_seed(cfg.seed), 0.0, 0
+    paths = run.model.hear.cfg.use_global_face or run.model.hear.cfg.use_hf_adapter  # a base model has none
+    first = "HEAR (face + prompt)" if paths else "base model (prompt only)"
     for n, i in enumerate(ids):
         recs = by_id[i][1: 1 + cfg.prompts_per_identity]  # prompts = captions of the identity's other images
         own, attrs = torch.full((len(recs),), n, device=device), [r["attributes"] for r in recs]
@@ -208,7 +210,7 @@ def eval_generation(cfg, device):
                           hf_from_scale=cfg.hf_from_scale)[0]
         seconds, n_img = seconds + time.time() - t, n_img + len(recs)
         null = generate(run, prompts, crops, gen, cfg.guidance, cfg.tau, id_scale=cfg.id_scale, null_face=True)[0]
-        for name, x in (("HEAR (face + prompt)", images), ("null face (prompt only)", null),
+        for name, x in ((first, images), ("null face (prompt only)", null),
                         ("real image, same identity (upper bound)", real),
                         ("real image through the tokenizer (its ceiling)", through_tokenizer(run.vae, real)),
                         ("real image, other identity (chance)", other.to(device))):

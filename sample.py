@@ -1,8 +1,9 @@
 """
 Generate a person from a face photo and a prompt with a trained HEAR checkpoint.
 
-  python sample.py --ckpt=out/hear/ckpt.pt --face=data/synthfaces/out/crops/id0300_00.png \
-      --prompt="a smiling person with a red hat in front of a blue wall" --num_samples=4
+  the shipped synthfaces model:  python sample.py --face=assets/faces/held_out_1.png \
+      --prompt="photo of a smiling person in a red shirt with a blue hat, yellow background"
+  your own run:  python sample.py --ckpt=out/hear/ckpt.pt --face=data/synthfaces/out/crops/id0300_00.png --prompt=...
   real photos:  python sample.py --preset=infinity_2b --ckpt=out/hear_2b/ckpt.pt --face=me.jpg --prompt="..."
   several photos of one person:  --face=a.jpg,b.jpg,c.jpg  or  --face=<folder>  (combined as --face_combine)
   identity strength:  --id_scale (lambda of Eq. (7)) and --hf_from_scale=k (the high-frequency adapter acts only from
@@ -31,7 +32,7 @@ from pipeline import (check_output, check_prompt, face_paths, generate, hf_scale
 @dataclasses.dataclass
 class Config:
     preset: str = "synthfaces"  # preset name
-    ckpt: str = "out/hear/ckpt.pt"  # train.py checkpoint (architecture, text encoder and encoder paths inside)
+    ckpt: str = "weights/synthfaces/hear.pt"  # train.py checkpoint (the shipped synthfaces HEAR model by default)
     face: str = ""  # reference face photo(s) of one person: a file, comma-separated files, or a folder
     face_combine: str = "mean"  # several references: mean (tokens averaged) | concat (high-frequency tokens joined)
     prompt: str = ""  # what the image should show
