@@ -1,9 +1,14 @@
 """
-The whole embedded pipeline in one command, on a CPU: synthfaces data, its judge, the tokenizer, the face encoder,
-the HEAR transformer, pictures of held-out identities and the evaluation tables.
+The embedded pipeline in one command, on a CPU. By default it starts from the shipped synthfaces foundation
+(weights/synthfaces: a pretrained tokenizer, text-to-image base model and judge, as the paper starts from the Infinity
+VAE, Infinity-2B and pretrained face recognisers) and trains what HEAR adds: the face encoder (Eq. 1-2, fine-tuned from
+the tokenizer), then the identity paths on the base (Eq. 3-7); then pictures and tables of held-out identities, scored
+by the shipped judge.
 
-  python quickstart.py                       # runs what is missing: a re-run after a kill continues
-  python quickstart.py --force=True          # everything again, from scratch
+  python quickstart.py                           # from the shipped foundation; a re-run after a kill continues
+  python quickstart.py --foundation=scratch      # every part from nothing (data, judge, tokenizer, transformer)
+  python quickstart.py --preset=foundation       # rebuild the foundation itself and write it to weights/synthfaces
+  python quickstart.py --force=True              # everything again
 
 Each stage runs the command a user would type for it (printed, and logged to <out_dir>/quickstart/<stage>.log), one
 line per stage with its wall time. A stage is skipped when its output exists and is complete: a training stage when
@@ -11,67 +16,120 @@ its checkpoint has reached its max_iters (a checkpoint short of that resumes wit
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 
-from checkpoint import load_checkpoint
-from common import UserError, cli, log
+from checkpoint import export_weights, load_checkpoint
+from common import UserError, cli, log, run_info
+from data.curation import write_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # the stage commands run from the repository root
 
 
 @dataclasses.dataclass
 class Config:
-    preset: str = "synthfaces"  # synthfaces (the quick start) | tiny (every stage at toy size, for tests)
-    data_dir: str = "data/synthfaces/out"  # the synthfaces data and its judge
-    out_dir: str = "out"  # tokenizer/, face_encoder/, hear/ and quickstart/ (logs, pictures, tables) go here
+    preset: str = "synthfaces"  # synthfaces (quick start) | foundation (rebuild weights/synthfaces) | tiny (tests)
+    foundation: str = "shipped"  # shipped (start from weights_dir) | scratch (train every part here first)
+    weights_dir: str = "weights/synthfaces"  # the foundation read (shipped) or written (preset foundation)
+    data_dir: str = "data/synthfaces/out"  # the synthfaces data (and, with --foundation=scratch, its judge)
+    out_dir: str = "out"  # every stage's run folder, and quickstart/ (logs, pictures, tables)
     force: bool = False  # rerun every stage (deletes the previous outputs of the stages first)
     device: str = "auto"  # auto | cpu | cuda (passed to every stage)
 
 
-PRESETS = {"synthfaces": {}, "tiny": {"data_dir": "out/quickstart_tiny/data", "out_dir": "out/quickstart_tiny"}}
-
-# per-stage presets of the two quick-start sizes
-STAGE_PRESETS = {
-    "synthfaces": dict(prepare="synthfaces", judge="synthfaces", tokenizer="synthfaces", face="synthfaces_face",
-                       train="synthfaces", eval=[]),
-    "tiny": dict(prepare="tiny", judge="tiny", tokenizer="tiny", face="tiny", train="tiny",
-                 eval=["--image_size=16", "--max_images=16", "--prompts_per_identity=1", "--gallery_ids=2"]),
+PRESETS = {"synthfaces": {}, "foundation": {"foundation": "scratch", "out_dir": "out/foundation"},
+           "tiny": {"foundation": "scratch", "data_dir": "out/quickstart_tiny/data", "out_dir": "out/quickstart_tiny"}}
+# each training stage's preset and extra arguments, per quick-start preset
+STAGE_ARGS = {
+    "synthfaces": {"tokenizer": ["--preset=synthfaces"], "face": ["--preset=synthfaces_face"],
+                   "hear": ["--preset=synthfaces_hear"], "hear_scratch": ["--preset=synthfaces"], "eval": []},
+    "foundation": {"tokenizer": ["--preset=synthfaces", "--max_iters=3000", "--eval_interval=1000"],
+                   "face": ["--preset=synthfaces_face"], "base": ["--preset=synthfaces_base"],
+                   "hear": ["--preset=synthfaces_hear", "--max_iters=4000"], "eval": []},
+    "tiny": {"tokenizer": ["--preset=tiny"], "face": ["--preset=tiny", "--face_mask=True", "--id_weight=0.1"],
+             "base": ["--preset=tiny", "--use_global_face=False", "--use_hf_adapter=False"], "hear": ["--preset=tiny"],
+             "eval": ["--image_size=16", "--max_images=16", "--prompts_per_identity=1", "--gallery_ids=2"]},
 }
-TINY_FACE = ["--face_mask=True", "--id_weight=0.1", "--id_net=judge"]  # the tiny preset's face-encoder terms
+# the slice of held-out data on which the shipped files' figures are recorded and re-checked (the first 5 held-out
+# identities of the full data set, 3 images each: identities are drawn from (seed, split, ordinal) alone)
+CHECK_SLICE = ["--preset=synthfaces", "--train_ids=1", "--test_ids=5", "--test_images=3", "--sheet_copy=",
+               "--workers=1"]
+CHECK_EVAL = ["--prompts_per_identity=2"]
+# the shipped files: name -> (stage output, entries kept, what it is)
+SHIPPED = {"tokenizer.pt": ("tokenizer/ckpt.pt", ("model", "tokenizer_config", "config", "step", "metrics"),
+                            "BSQ-VAE tokenizer (the Infinity VAE of synthfaces)"),
+           "judge.pt": (None, ("model", "judge_config", "config", "metrics"), "the judge: detector, identity and "
+                        "attribute nets that score every run"),
+           "base.pt": ("base/ckpt.pt", ("model", "text_encoder", "caption_tokenizer", "model_config", "config", "step"),
+                       "text-to-image base transformer without identity paths (the Infinity-2B of synthfaces)"),
+           "face_encoder.pt": ("face_encoder/ckpt.pt", ("model", "tokenizer_config", "config", "step", "metrics"),
+                               "the face encoder of hear.pt (Eq. 1-2, fine-tuned from tokenizer.pt)"),
+           "hear.pt": ("hear/ckpt.pt", ("model", "text_encoder", "caption_tokenizer", "model_config", "config", "step"),
+                       "HEAR fine-tuned on base.pt: python sample.py --face=... --prompt=... uses it")}
 
 
 def stages(cfg):
     """[(name, command, output that marks it done)] in pipeline order."""
-    p, py, d, o = STAGE_PRESETS[cfg.preset], sys.executable, cfg.data_dir, cfg.out_dir
-    tok, face, hear, qs = (os.path.join(o, n) for n in ("tokenizer", "face_encoder", "hear", "quickstart"))
-    dev = f"--device={cfg.device}"
-    return [
-        ("data", [py, "-m", "data.synthfaces.prepare", f"--preset={p['prepare']}", f"--out_dir={d}", "--sheet_copy="],
-         os.path.join(d, "meta.json")),
-        ("judge", [py, "-m", "data.synthfaces.judge", f"--preset={p['judge']}", f"--data_dir={d}"],
-         os.path.join(d, "judge.pt")),
-        ("tokenizer", [py, "train_tokenizer.py", f"--preset={p['tokenizer']}", f"--data_dir={d}", f"--out_dir={tok}",
-                       dev], os.path.join(tok, "ckpt.pt")),
-        ("face encoder", [py, "train_tokenizer.py", f"--preset={p['face']}", f"--data_dir={d}", f"--out_dir={face}",
-                          f"--init_from={tok}/ckpt.pt", dev] + (TINY_FACE if cfg.preset == "tiny" else []),
-         os.path.join(face, "ckpt.pt")),
-        ("transformer", [py, "train.py", f"--preset={p['train']}", f"--data_dir={d}", f"--out_dir={hear}",
-                         f"--tokenizer_ckpt={tok}/ckpt.pt", f"--face_encoder_ckpt={face}/ckpt.pt", dev],
-         os.path.join(hear, "ckpt.pt")),
-        ("pictures", [py, "eval.py", "--what=gallery", f"--ckpt={hear}/ckpt.pt", f"--data_dir={d}",
-                      f"--out={qs}/gallery.png", dev] + p["eval"], os.path.join(qs, "gallery.png")),
-        ("tokenizer table", [py, "eval.py", "--what=tokenizer", f"--ckpts={tok}/ckpt.pt,{face}/ckpt.pt",
-                             "--names=tokenizer,face encoder", f"--data_dir={d}", f"--judge={d}/judge.pt",
-                             f"--out={qs}/tokenizer_table.md", dev] + p["eval"],
-         os.path.join(qs, "tokenizer_table.md")),
-        ("generation table", [py, "eval.py", "--what=generation", f"--ckpt={hear}/ckpt.pt", f"--data_dir={d}",
-                              f"--judge={d}/judge.pt", f"--out={qs}/generation_table.md", dev] + p["eval"],
-         os.path.join(qs, "generation_table.md")),
-    ]
+    py, d, o, w, args = sys.executable, cfg.data_dir, cfg.out_dir, cfg.weights_dir, STAGE_ARGS[cfg.preset]
+    tok, face, base, hear, qs = (os.path.join(o, n) for n in ("tokenizer", "face_encoder", "base", "hear",
+                                                               "quickstart"))
+    dev, scratch, with_base = f"--device={cfg.device}", cfg.foundation == "scratch", "base" in args
+    judge, tok_ckpt = (f"{d}/judge.pt", f"{tok}/ckpt.pt") if scratch else (f"{w}/judge.pt", f"{w}/tokenizer.pt")
+    init = f"{base}/ckpt.pt" if with_base else f"{w}/base.pt"
+    prep = "tiny" if cfg.preset == "tiny" else "synthfaces"
+    out = [("data", [py, "-m", "data.synthfaces.prepare", f"--preset={prep}", f"--out_dir={d}", "--sheet_copy="],
+            os.path.join(d, "meta.json"))]
+    if scratch:
+        out += [("judge", [py, "-m", "data.synthfaces.judge", f"--preset={prep}", f"--data_dir={d}"], judge),
+                ("tokenizer", [py, "train_tokenizer.py", *args["tokenizer"], f"--data_dir={d}", f"--out_dir={tok}",
+                               dev], tok_ckpt)]
+    out.append(("face encoder", [py, "train_tokenizer.py", *args["face"], f"--data_dir={d}", f"--out_dir={face}",
+                                 f"--init_from={tok_ckpt}", f"--id_net=judge:{judge}", dev], f"{face}/ckpt.pt"))
+    if with_base:  # the text-to-image base (no identity paths; its face encoder is never read: the tokenizer stands in)
+        out.append(("base model", [py, "train.py", *args["base"], f"--data_dir={d}", f"--out_dir={base}",
+                                   f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={tok_ckpt}", dev], init))
+    hear_args = args["hear_scratch"] if scratch and not with_base else [*args["hear"], f"--init_from={init}"]
+    out.append(("transformer", [py, "train.py", *hear_args, f"--data_dir={d}", f"--out_dir={hear}",
+                                f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face}/ckpt.pt", dev],
+                f"{hear}/ckpt.pt"))
+    return out
+
+
+def eval_stages(cfg):
+    """The pictures and tables [(name, command, output)]: of the shipped files themselves when the foundation is
+    rebuilt (they are written between the training and these stages), else of this run's outputs."""
+    py, d, o, w, args = sys.executable, cfg.data_dir, cfg.out_dir, cfg.weights_dir, STAGE_ARGS[cfg.preset]
+    qs, dev, with_base = os.path.join(o, "quickstart"), f"--device={cfg.device}", "base" in args
+    if cfg.preset == "foundation":
+        judge, tok, face, hear, base = (f"{w}/{n}.pt" for n in ("judge", "tokenizer", "face_encoder", "hear", "base"))
+    else:
+        scratch = cfg.foundation == "scratch"
+        judge, tok = (f"{d}/judge.pt", f"{o}/tokenizer/ckpt.pt") if scratch else (f"{w}/judge.pt", f"{w}/tokenizer.pt")
+        face, hear, base = (f"{o}/{n}/ckpt.pt" for n in ("face_encoder", "hear", "base"))
+    ev = [f"--data_dir={d}", f"--judge={judge}", dev] + args["eval"]
+    out = [("pictures", [py, "eval.py", "--what=gallery", f"--ckpt={hear}", f"--out={qs}/gallery.png", *ev],
+            f"{qs}/gallery.png"),
+           ("tokenizer table", [py, "eval.py", "--what=tokenizer", f"--ckpts={tok},{face}",
+                                "--names=tokenizer,face encoder", f"--out={qs}/tokenizer_table.md", *ev],
+            f"{qs}/tokenizer_table.md"),
+           ("generation table", [py, "eval.py", "--what=generation", f"--ckpt={hear}",
+                                 f"--out={qs}/generation_table.md", *ev], f"{qs}/generation_table.md")]
+    if with_base:  # the base's prompt adherence: the bar a HEAR fine-tune should keep
+        out.append(("base table", [py, "eval.py", "--what=generation", f"--ckpt={base}", f"--out={qs}/base_table.md",
+                                   *ev], f"{qs}/base_table.md"))
+    if cfg.preset == "foundation":  # the figures tests/test_foundation.py reproduces on a slice of the held-out data
+        c = f"{o}/check"
+        out.append(("check data", [py, "-m", "data.synthfaces.prepare", *CHECK_SLICE, f"--out_dir={c}/data"],
+                    f"{c}/data/meta.json"))
+        ev = [f"--data_dir={c}/data", f"--judge={judge}", dev, *CHECK_EVAL]
+        out += [(f"check {name}", [py, "eval.py", f"--what={what}", arg, f"--out={c}/{name}.md", *ev], f"{c}/{name}.md")
+                for name, what, arg in (("tokenizer", "tokenizer", f"--ckpts={tok}"), ("base", "generation",
+                                        f"--ckpt={base}"), ("hear", "generation", f"--ckpt={hear}"))]
+    return out
 
 
 def progress(output):
@@ -108,25 +166,93 @@ def run_stage(i, n, name, command, output, log_dir):
     return seconds
 
 
+def check_foundation(weights_dir):
+    """Every file the shipped foundation's manifest lists is present and has its recorded SHA-256 (one line if not)."""
+    manifest = os.path.join(weights_dir, "manifest.json")
+    if not os.path.isfile(manifest):
+        raise UserError(f"{manifest} not found: the shipped foundation is missing; restore it (git checkout -- "
+                        "weights/synthfaces), or train every part here with --foundation=scratch")
+    with open(manifest) as f:
+        for name in json.load(f)["files"]:
+            load_checkpoint(os.path.join(weights_dir, name))  # a missing file or another SHA-256: one line
+
+
+def export_foundation(cfg):
+    """The foundation run's outputs -> weights_dir: small weights-only files in fp16, and a manifest.json of their
+    SHA-256 (the figures are added by write_manifest once the shipped files are evaluated)."""
+    os.makedirs(cfg.weights_dir, exist_ok=True)
+    files = {}
+    for name, (output, keep, what) in SHIPPED.items():
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, output) if output else os.path.join(cfg.data_dir, "judge.pt"))
+        if "model_config" in ckpt:  # a transformer: its encoders are read next to it (pipeline.load_run)
+            face = "face_encoder.pt" if ckpt["model_config"]["use_hf_adapter"] else "tokenizer.pt"
+            ckpt["config"].update(tokenizer_ckpt="tokenizer.pt", face_encoder_ckpt=face,
+                                  init_from="base.pt" if name == "hear.pt" else "scratch")
+        sha = export_weights(ckpt, os.path.join(cfg.weights_dir, name), keep)
+        files[name] = {"sha256": sha, "bytes": os.path.getsize(os.path.join(cfg.weights_dir, name)), "what": what}
+    write_atomic(os.path.join(cfg.weights_dir, "manifest.json"), json.dumps({"files": files}, indent=1) + "\n")
+    log(f"foundation written to {cfg.weights_dir}: {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB in "
+        f"{len(files)} files")
+
+
+def write_manifest(cfg, seconds):
+    """manifest.json: the files' SHA-256, the command and commit that made them, the stage times, and the shipped
+    files' held-out figures (full tables, and the slice that tests/test_foundation.py re-checks)."""
+    path = os.path.join(cfg.weights_dir, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+
+    def rows(table):
+        with open(os.path.join(cfg.out_dir, table + ".json")) as f:
+            return json.load(f)["rows"]
+
+    manifest.update(command="python quickstart.py --preset=foundation", made_with=run_info("cpu"),
+                    stage_seconds=seconds, scored_on="the 50 held-out identities of data/synthfaces (prepare.py's "
+                    "default seed), by the shipped judge",
+                    figures={t: rows(f"quickstart/{t}") for t in ("tokenizer_table", "generation_table", "base_table")},
+                    checks={"data": " ".join(["python -m data.synthfaces.prepare"] + CHECK_SLICE), "eval": CHECK_EVAL,
+                            "rows": {n: rows(f"check/{n}") for n in ("tokenizer", "base", "hear")}})
+    write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+
+
 def main(cfg):
-    if cfg.preset not in STAGE_PRESETS:
-        raise UserError(f"--preset={cfg.preset!r}: choose {' or '.join(STAGE_PRESETS)}")
-    cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir), out_dir=os.path.abspath(cfg.out_dir))
-    todo = stages(cfg)
+    if cfg.preset not in STAGE_ARGS:
+        raise UserError(f"--preset={cfg.preset!r}: choose {', '.join(STAGE_ARGS)}")
+    if cfg.foundation not in ("shipped", "scratch"):
+        raise UserError(f"--foundation={cfg.foundation!r}: choose shipped or scratch")
+    if cfg.preset != "synthfaces" and cfg.foundation != "scratch":
+        raise UserError(f"--preset={cfg.preset} trains every part itself: use it with --foundation=scratch")
+    cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir), out_dir=os.path.abspath(cfg.out_dir),
+                              weights_dir=os.path.abspath(cfg.weights_dir))
+    if cfg.foundation == "shipped":
+        check_foundation(cfg.weights_dir)
+    train, evals = stages(cfg), eval_stages(cfg)
     if cfg.force:
-        for path in [cfg.data_dir] + [os.path.join(cfg.out_dir, n) for n in ("tokenizer", "face_encoder", "hear",
-                                                                           "quickstart")]:
+        for path in [cfg.data_dir] + [os.path.join(cfg.out_dir, n) for n in ("tokenizer", "face_encoder", "base",
+                                                                           "hear", "quickstart", "check")]:
             shutil.rmtree(path, ignore_errors=True)
     log_dir = os.path.join(cfg.out_dir, "quickstart")
     os.makedirs(log_dir, exist_ok=True)
-    total = sum(run_stage(i + 1, len(todo), *stage, log_dir) for i, stage in enumerate(todo))
+    n = len(train) + len(evals)
+    seconds = {name: run_stage(i + 1, n, name, command, output, log_dir)
+               for i, (name, command, output) in enumerate(train)}
+    if cfg.preset == "foundation" and (cfg.force or any(seconds.values()) or not os.path.isfile(
+            os.path.join(cfg.weights_dir, "manifest.json"))):
+        export_foundation(cfg)  # the tables below score the shipped files themselves
+    seconds.update({name: run_stage(len(train) + i + 1, n, name, command, output, log_dir)
+                    for i, (name, command, output) in enumerate(evals)})
+    total = sum(seconds.values())
     log(f"total {int(total // 60)} min {total % 60:.0f} s (stages run now; skipped ones count 0)")
-    for name in ("tokenizer_table.md", "generation_table.md"):
+    tables = ("tokenizer_table.md", "generation_table.md") + (("base_table.md",) if "base" in STAGE_ARGS[
+        cfg.preset] else ())
+    for name in tables:
         with open(os.path.join(log_dir, name)) as f:
             log(f"\n{f.read().strip()}")
     log(f"\npictures: {log_dir}/gallery.png (rows: held-out identities; reference, then one sample per prompt)\n"
         f"          {log_dir}/gallery_scales.png (Fig. 8: the first k scales decoded, k = 1..K)\n"
         f"stage logs: {log_dir}/*.log")
+    if cfg.preset == "foundation":
+        write_manifest(cfg, seconds)
     return total
 
 

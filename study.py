@@ -42,8 +42,10 @@ class Config:
     preset: str = "synthfaces"  # synthfaces (the quick start's sizes) | tiny (toy sizes, a smoke test)
     parts: str = "table3,per_scale,strength,table4"  # comma-separated parts to run
     seeds: int = 3  # training seeds of every trained variant
-    data_dir: str = "data/synthfaces/out"  # the quick start's synthfaces data and its judge.pt
-    tokenizer_ckpt: str = "out/tokenizer/ckpt.pt"  # the quick start's generation tokenizer
+    data_dir: str = "data/synthfaces/out"  # the quick start's synthfaces data
+    judge: str = "weights/synthfaces/judge.pt"  # the judge that scores every run (the shipped one)
+    base_ckpt: str = "weights/synthfaces/base.pt"  # the text-to-image base every HEAR variant is fine-tuned on
+    tokenizer_ckpt: str = "weights/synthfaces/tokenizer.pt"  # the generation tokenizer
     face_encoder_ckpt: str = "out/face_encoder/ckpt.pt"  # the quick start's face encoder
     out_dir: str = "out/study"  # runs, tables, plots, logs and study.json
     device: str = "auto"  # auto | cpu | cuda (passed to every command)
@@ -52,10 +54,12 @@ class Config:
 
 PRESETS = {"synthfaces": {}, "tiny": {"seeds": 2, "data_dir": "out/quickstart_tiny/data", "out_dir": "out/study_tiny",
                                       "tokenizer_ckpt": "out/quickstart_tiny/tokenizer/ckpt.pt",
+                                      "judge": "out/quickstart_tiny/data/judge.pt",
+                                      "base_ckpt": "out/quickstart_tiny/base/ckpt.pt",
                                       "face_encoder_ckpt": "out/quickstart_tiny/face_encoder/ckpt.pt"}}
 SIZES = {  # per study preset: the train.py preset, the face encoder's flags and the eval.py flags of the quick start
-    "synthfaces": dict(train="synthfaces", face=["--preset=synthfaces_face"], eval=[]),
-    "tiny": dict(train="tiny", face=["--preset=tiny", "--face_mask=True", "--id_weight=0.1", "--id_net=judge"],
+    "synthfaces": dict(train="synthfaces_hear", face=["--preset=synthfaces_face"], eval=[]),
+    "tiny": dict(train="tiny", face=["--preset=tiny", "--face_mask=True", "--id_weight=0.1"],
                  eval=["--image_size=16", "--max_images=16", "--prompts_per_identity=1"]),
 }
 PARTS = ("table3", "per_scale", "strength", "table4")
@@ -100,14 +104,15 @@ def commands(cfg):
 
     def evaluate(part, name, what, table, *flags):  # table: the .md path without .md; its numbers: <table>.json
         return Step(part, name, script("eval.py", f"--what={what}", f"--out={table}.md", f"--data_dir={d}",
-                                       f"--judge={d}/judge.pt", *size["eval"], *flags), table + ".json")
+                                       f"--judge={cfg.judge}", *size["eval"], *flags), table + ".json")
 
     def train(part, variant, seed, faces="face_encoder"):  # one variant, with the quick start's train.py recipe
         run, (_, use_global, use_hf) = run_dir(cfg, variant, seed, faces), VARIANTS[variant]
         face_ckpt = cfg.face_encoder_ckpt if faces == "face_encoder" else cfg.tokenizer_ckpt
-        argv = script("train.py", f"--preset={size['train']}", f"--data_dir={d}", f"--out_dir={run}", f"--seed={seed}",
-                      f"--tokenizer_ckpt={cfg.tokenizer_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
-                      f"--use_global_face={use_global}", f"--use_hf_adapter={use_hf}")
+        argv = script("train.py", f"--preset={size['train']}", f"--init_from={cfg.base_ckpt}", f"--data_dir={d}",
+                      f"--out_dir={run}", f"--seed={seed}", f"--tokenizer_ckpt={cfg.tokenizer_ckpt}",
+                      f"--face_encoder_ckpt={face_ckpt}", f"--use_global_face={use_global}",
+                      f"--use_hf_adapter={use_hf}")
         return Step(part, f"train {os.path.basename(run)}", argv, f"{run}/ckpt.pt")
 
     def hear(part, variant, seed, faces="face_encoder"):  # train it, then score it with eval.py --what=generation
@@ -118,7 +123,7 @@ def commands(cfg):
     def tokenizer(folder, flags):  # a face-encoder variant: the quick start's face-encoder recipe + its switches
         run = f"{out}/table4/{folder}"
         argv = script("train_tokenizer.py", *size["face"], f"--data_dir={d}", f"--out_dir={run}",
-                      f"--init_from={cfg.tokenizer_ckpt}", *flags)
+                      f"--init_from={cfg.tokenizer_ckpt}", f"--id_net=judge:{cfg.judge}", *flags)
         return Step("table4", f"tokenizer {folder}", argv, f"{run}/ckpt.pt")
 
     steps = {"table3": [s for v in VARIANTS for seed in range(cfg.seeds) for s in hear("table3", v, seed)]}
@@ -245,7 +250,7 @@ def write(cfg, name, text):
 
 def main(cfg):
     todo = commands(cfg)
-    missing = [p for p in (f"{cfg.data_dir}/judge.pt", cfg.tokenizer_ckpt, cfg.face_encoder_ckpt)
+    missing = [p for p in (cfg.judge, cfg.base_ckpt, cfg.tokenizer_ckpt, cfg.face_encoder_ckpt)
                if not os.path.isfile(p)]
     if missing:
         raise UserError(f"{', '.join(missing)} not found: run python quickstart.py --preset={cfg.preset} first")

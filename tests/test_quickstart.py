@@ -2,19 +2,26 @@
 short of its max_iters resumes (the stages themselves are tested in their own files)."""
 
 import importlib
+import json
 import os
 
 import pytest
+import torch
 
 import quickstart as qs
-from checkpoint import save_checkpoint
-from common import parse_config
+from checkpoint import load_checkpoint, save_checkpoint
+from common import UserError, parse_config
 
 
-@pytest.mark.parametrize("preset", ["synthfaces", "tiny"])
-def test_every_stage_command_parses_with_its_script_config(preset, tmp_path):
-    cfg = parse_config(qs.Config, qs.PRESETS, [f"--preset={preset}", f"--out_dir={tmp_path}"])
-    for name, command, _ in qs.stages(cfg):
+@pytest.mark.parametrize("argv", [["--preset=synthfaces"], ["--preset=synthfaces", "--foundation=scratch"],
+                                  ["--preset=foundation"], ["--preset=tiny"]])
+def test_every_stage_command_parses_with_its_script_config(argv, tmp_path):
+    cfg = parse_config(qs.Config, qs.PRESETS, [*argv, f"--out_dir={tmp_path}"])
+    names = [name for name, _, _ in qs.stages(cfg)]
+    # the shipped foundation's quick start trains only what HEAR adds; the others train every part
+    assert ("judge" in names, "tokenizer" in names) == ((cfg.foundation == "scratch",) * 2)
+    assert ("base model" in names) == (cfg.preset in ("foundation", "tiny"))
+    for name, command, _ in qs.stages(cfg) + qs.eval_stages(cfg):
         argv = command[3:] if command[1] == "-m" else command[2:]
         script = command[2] if command[1] == "-m" else command[1].removesuffix(".py")
         module = importlib.import_module(script)
@@ -32,16 +39,61 @@ def test_progress_of_a_training_stage(tmp_path):
 
 def test_complete_stages_are_skipped_and_a_partial_one_resumes(tmp_path, monkeypatch, capsys):
     cfg = parse_config(qs.Config, qs.PRESETS, ["--preset=tiny", f"--data_dir={tmp_path}/d", f"--out_dir={tmp_path}"])
-    for _, _, output in qs.stages(cfg):
+    every = qs.stages(cfg) + qs.eval_stages(cfg)
+    for _, _, output in every:
         os.makedirs(os.path.dirname(output), exist_ok=True)
         if output.endswith("ckpt.pt"):
             save_checkpoint({"step": 4, "config": {"max_iters": 4}}, output)
         else:
             open(output, "w").write("| table |\n")
     assert qs.main(cfg) == 0.0  # nothing ran
-    assert capsys.readouterr().out.count("done already") == len(qs.stages(cfg))
+    assert capsys.readouterr().out.count("done already") == len(every)
     save_checkpoint({"step": 2, "config": {"max_iters": 4}}, f"{tmp_path}/hear/ckpt.pt")
     ran = []  # record the command instead of training (the resume itself: test_train.py)
     monkeypatch.setattr(qs.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or type("P", (), {"returncode": 0}))
     qs.main(cfg)
     assert len(ran) == 1 and ran[0][1] == "train.py" and ran[0][-1] == "--init_from=resume"
+
+
+def fake_foundation_run(cfg):
+    """The outputs of a foundation run, without training: tiny checkpoints of the right kinds, and the tables' JSON."""
+    model = {"w": torch.arange(4.0)}
+    for name, (output, _, _) in qs.SHIPPED.items():
+        path = os.path.join(cfg.out_dir, output) if output else os.path.join(cfg.data_dir, "judge.pt")
+        ckpt = {"model": model, "optimizer": {"state": {}}, "rng": {"cpu": torch.zeros(2)}, "step": 3,
+                "config": {"tokenizer_ckpt": "/abs/tok.pt", "face_encoder_ckpt": "/abs/face.pt", "init_from": "x"}}
+        if name in ("base.pt", "hear.pt"):
+            ckpt.update(model_config={"use_hf_adapter": name == "hear.pt"}, ema={"w": torch.ones(4)})
+        save_checkpoint(ckpt, path)
+    for table in ("quickstart/tokenizer_table", "quickstart/generation_table", "quickstart/base_table",
+                  "check/tokenizer", "check/base", "check/hear"):
+        os.makedirs(os.path.dirname(f"{cfg.out_dir}/{table}"), exist_ok=True)
+        open(f"{cfg.out_dir}/{table}.json", "w").write('{"rows": {"x": {"psnr": 1.0}}}')
+
+
+def test_export_writes_small_files_a_manifest_that_checks_them_and_paths_beside_them(tmp_path):
+    cfg = parse_config(qs.Config, qs.PRESETS, ["--preset=foundation", f"--data_dir={tmp_path}/d",
+                                               f"--out_dir={tmp_path}/o", f"--weights_dir={tmp_path}/w"])
+    fake_foundation_run(cfg)
+    qs.export_foundation(cfg)
+    qs.write_manifest(cfg, {"data": 1.0})
+    manifest = json.load(open(f"{tmp_path}/w/manifest.json"))
+    assert sorted(manifest["files"]) == sorted(qs.SHIPPED) and manifest["figures"]["base_table"]["x"]["psnr"] == 1.0
+    qs.check_foundation(f"{tmp_path}/w")  # every hash matches
+    hear, base = load_checkpoint(f"{tmp_path}/w/hear.pt"), load_checkpoint(f"{tmp_path}/w/base.pt")
+    assert "optimizer" not in hear and "rng" not in hear and "ema" not in hear
+    half = torch.ones(4, dtype=torch.half)  # the EMA weights are the ones shipped, in fp16
+    assert torch.equal(hear["model"]["w"], half) and torch.equal(base["model"]["w"], half)
+    assert (hear["config"]["tokenizer_ckpt"], hear["config"]["face_encoder_ckpt"]) == ("tokenizer.pt",
+                                                                                        "face_encoder.pt")
+    assert (base["config"]["face_encoder_ckpt"], base["config"]["init_from"]) == ("tokenizer.pt", "scratch")
+    with open(f"{tmp_path}/w/judge.pt", "r+b") as f:  # one byte changed
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(UserError, match=r"judge.pt: its SHA-256 differs from the one .*manifest.json records"):
+        qs.check_foundation(f"{tmp_path}/w")
+    os.remove(f"{tmp_path}/w/manifest.json")
+    with pytest.raises(UserError, match="the shipped foundation is missing"):
+        qs.main(parse_config(qs.Config, qs.PRESETS, [f"--weights_dir={tmp_path}/w", f"--out_dir={tmp_path}/q"]))

@@ -48,8 +48,8 @@ def test_trained_runs_follow_the_quick_starts_commands(preset):
     quick start's command for that stage: the study uses whatever recipe the quick start uses."""
     import quickstart
 
-    qs = {name: argv for name, argv, _ in quickstart.stages(parse_config(quickstart.Config, quickstart.PRESETS,
-                                                                         [f"--preset={preset}"]))}
+    qs_cfg = parse_config(quickstart.Config, quickstart.PRESETS, [f"--preset={preset}"])
+    qs = {name: argv for name, argv, _ in quickstart.stages(qs_cfg) + quickstart.eval_stages(qs_cfg)}
     steps = {s.name: s.argv for s in study.commands(parse_config(study.Config, study.PRESETS, [f"--preset={preset}"]))}
 
     def flags(argv, *drop):  # the script and its flags, without the keys in drop
