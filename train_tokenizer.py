@@ -2,7 +2,7 @@
 Train the BSQ-VAE tokenizer, or fine-tune a copy of it into HEAR's high-frequency face encoder (paper section 3.2).
 
   from scratch (CPU, synthfaces):  python train_tokenizer.py --preset=synthfaces
-  face encoder (Eq. (1)-(2)):          python train_tokenizer.py --preset=synthfaces_face
+  face encoder (Eq. (1)-(2)):      python train_tokenizer.py --preset=synthfaces_face   (from the shipped tokenizer)
   official VAE -> face encoder:    torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset=infinity_face \
                                      --init_from=infinity:weights/infinity_vae_d32reg.pth --data_dir=data/faces
   resume any run:                  python train_tokenizer.py --preset=... --init_from=resume
@@ -79,9 +79,10 @@ class Config:
 
 PRESETS = {
     "synthfaces": {},
-    "synthfaces_face": {"out_dir": "out/face_encoder", "init_from": "out/tokenizer/ckpt.pt", "face_mask": True,
-                        "id_weight": 0.1, "id_net": "judge", "max_iters": 100, "learning_rate": 3e-4,
-                        "warmup_iters": 10, "eval_interval": 100, "log_interval": 25},
+    "synthfaces_face": {"out_dir": "out/face_encoder", "init_from": "weights/synthfaces/tokenizer.pt",
+                        "id_net": "judge:weights/synthfaces/judge.pt", "face_mask": True, "id_weight": 0.1,
+                        "max_iters": 100, "learning_rate": 3e-4, "warmup_iters": 10, "eval_interval": 100,
+                        "log_interval": 25},
     "infinity_face": {"out_dir": "out/face_encoder_2b", "init_from": "infinity:weights/infinity_vae_d32reg.pth",
                       "image_size": 256, "batch_size": 64, "max_iters": 20000, "learning_rate": 1e-5,
                       "face_mask": True, "lpips_weight": 0.5, "clip_weight": 0.1, "id_weight": 0.1,
