@@ -123,7 +123,7 @@ PRESETS = {
                         "face_encoder_ckpt": "out/tokenizer/ckpt.pt", "save_interval": 1000},
     # HEAR fine-tuned on the shipped base (quickstart.py): the identity paths are new, the rest starts pretrained
     "synthfaces_hear": {"init_from": "weights/synthfaces/base.pt", "tokenizer_ckpt": "weights/synthfaces/tokenizer.pt",
-                        "max_iters": 900},
+                        "max_iters": 400, "compile": False},  # a short run: compiling would cost more than it saves
     "tiny": {"depth": 2, "embed_dim": 64, "num_heads": 4, "image_size": 16, "face_size": 16, "hf_first_scale": 2,
              "batch_size": 4, "max_iters": 4, "warmup_iters": 1, "log_interval": 1, "save_interval": 2,
              "text_layers": 1, "text_heads": 2, "compile": False},
