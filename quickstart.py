@@ -126,9 +126,10 @@ def eval_stages(cfg):
         out.append(("check data", [py, "-m", "data.synthfaces.prepare", *CHECK_SLICE, f"--out_dir={c}/data"],
                     f"{c}/data/meta.json"))
         ev = [f"--data_dir={c}/data", f"--judge={judge}", dev, *CHECK_EVAL]
-        out += [(f"check {name}", [py, "eval.py", f"--what={what}", arg, f"--out={c}/{name}.md", *ev], f"{c}/{name}.md")
-                for name, what, arg in (("tokenizer", "tokenizer", f"--ckpts={tok}"), ("base", "generation",
-                                        f"--ckpt={base}"), ("hear", "generation", f"--ckpt={hear}"))]
+        which = {"tokenizer": ["--what=tokenizer", f"--ckpts={tok}", "--names=tokenizer"],
+                 "base": ["--what=generation", f"--ckpt={base}"], "hear": ["--what=generation", f"--ckpt={hear}"]}
+        out += [(f"check {name}", [py, "eval.py", *argv, f"--out={c}/{name}.md", *ev], f"{c}/{name}.md")
+                for name, argv in which.items()]
     return out
 
 
