@@ -71,7 +71,7 @@ def test_each_variant_builds_exactly_its_identity_parameters(tmp_path):
     steps = study.commands(tiny_study(tmp_path, "--parts=table3", "--seeds=1"))
     names = {}
     for step in (s for s in steps if s.argv[1] == "train.py"):
-        cfg = parse_config(train.Config, train.PRESETS, step.argv[2:])
+        cfg = parse_config(train.Config, train.PRESETS, [*step.argv[2:], "--init_from=scratch"])  # new weights
         hear, _ = build_hear(cfg, text_channels=128, d=8, face_dim=8, global_dim=8)
         names[os.path.basename(cfg.out_dir).removesuffix("_s0")] = {n for n, _ in hear.named_parameters()}
     glob = {"face_global_proj.weight", "face_global_proj.bias"}
@@ -142,8 +142,9 @@ def fake_output(path):
 
 def test_finished_outputs_are_skipped_and_a_partial_run_resumes(tmp_path, monkeypatch):
     d = f"{tmp_path}/d"
-    cfg = tiny_study(tmp_path, f"--data_dir={d}", f"--tokenizer_ckpt={d}/tok.pt", f"--face_encoder_ckpt={d}/face.pt")
-    for path in [f"{d}/judge.pt", f"{d}/tok.pt", f"{d}/face.pt"] + [s.output for s in study.commands(cfg)]:
+    cfg = tiny_study(tmp_path, f"--data_dir={d}", f"--tokenizer_ckpt={d}/tok.pt", f"--face_encoder_ckpt={d}/face.pt",
+                     f"--judge={d}/judge.pt", f"--base_ckpt={d}/base.pt")
+    for path in [cfg.judge, cfg.base_ckpt, f"{d}/tok.pt", f"{d}/face.pt"] + [s.output for s in study.commands(cfg)]:
         fake_output(path)
     ran = []  # the commands that would run (each command itself: its script's tests)
     monkeypatch.setattr(study, "spawn", lambda argv, log_file, threads: ran.append(argv) or (0, 0.0))
@@ -163,8 +164,8 @@ def test_jobs_run_trainings_side_by_side_then_the_evaluations(tmp_path, monkeypa
     evaluations start after the last training, with the inherited thread count; a failed training stops the study."""
     d = f"{tmp_path}/d"
     cfg = tiny_study(tmp_path, "--jobs=2", "--parts=table3", f"--data_dir={d}", f"--tokenizer_ckpt={d}/tok.pt",
-                     f"--face_encoder_ckpt={d}/face.pt")
-    for path in [f"{d}/judge.pt", f"{d}/tok.pt", f"{d}/face.pt"]:
+                     f"--face_encoder_ckpt={d}/face.pt", f"--judge={d}/judge.pt", f"--base_ckpt={d}/base.pt")
+    for path in [cfg.judge, cfg.base_ckpt, f"{d}/tok.pt", f"{d}/face.pt"]:
         fake_output(path)
     steps, barrier, ran = study.commands(cfg), threading.Barrier(2, timeout=20), []
 
