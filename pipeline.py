@@ -113,14 +113,14 @@ class TextToBits(nn.Module):
         return self.hear(text, lens, x_BLC_wo_prefix, schedule, rope_grid, face_global, face_hf, drop_cond=drop)
 
 
-def build_hear(cfg, text_channels, d, face_dim, global_dim):
-    """A new HEAR transformer of cfg's sizes, or the official weights (init_from=infinity:<path>) or a base model's
-    (init_from=<a train.py checkpoint>) with HEAR's new parameters initialised -> (model, load report or None).
+def build_hear(cfg, text_channels, d, face_dim, global_dim, weights=None):
+    """A new HEAR transformer of cfg's sizes, or `weights` (official Infinity weights, or a base model's train.py
+    checkpoint: a path or the loaded dict) with HEAR's new parameters initialised -> (model, load report or None).
     cfg: train.py's Config."""
     hear_cfg = dict(use_global_face=cfg.use_global_face, global_face_dim=global_dim, use_hf_adapter=cfg.use_hf_adapter,
                     hf_face_dim=face_dim, grad_checkpointing=cfg.grad_checkpointing, drop_path_rate=cfg.drop_path_rate)
-    if cfg.init_from not in ("scratch", "resume"):
-        return hear_model.load_infinity(cfg.init_from.removeprefix("infinity:"), **hear_cfg)
+    if weights is not None:
+        return hear_model.load_infinity(weights, **hear_cfg)
     mcfg = hear_model.ModelConfig(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
                                   mlp_ratio=cfg.mlp_ratio, codebook_dim=d, text_channels=text_channels,
                                   text_maxlen=cfg.text_maxlen, **hear_cfg)

@@ -192,8 +192,9 @@ def build_model(cfg, vae, face_enc, global_enc, resumed, master):
             text_enc.load_state_dict(resumed["text_encoder"])
     else:
         global_dim = face_enc.cfg.codebook_dim if global_enc is None else global_enc.clip.config.projection_dim
+        official = cfg.init_from.removeprefix("infinity:") if cfg.init_from.startswith("infinity:") else None
         hear, report = build_hear(cfg, text_enc.config.d_model, vae.cfg.codebook_dim, face_enc.cfg.codebook_dim,
-                                  global_dim)
+                                  global_dim, weights=base_ckpt or official)  # a base: the dict read above
         if report is not None:
             log(f"loaded {len(report['loaded'])} official tensors; newly initialized (HEAR-only): "
                 f"{len(report['newly_initialized'])} tensors", cfg.out_dir, master)
