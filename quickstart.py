@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from checkpoint import export_weights, load_checkpoint
+from checkpoint import check_manifest, export_weights, load_checkpoint
 from common import UserError, cli, log, run_info
 from data.curation import write_atomic
 
@@ -72,13 +72,19 @@ SHIPPED = {"tokenizer.pt": ("tokenizer/ckpt.pt", ("model", "tokenizer_config", "
                        "HEAR fine-tuned on base.pt: python sample.py --face=... --prompt=... uses it")}
 
 
+def judge_and_tokenizer(cfg):
+    """(judge.pt, tokenizer checkpoint) a run uses: trained here (--foundation=scratch) or shipped."""
+    if cfg.foundation == "scratch":
+        return f"{cfg.data_dir}/judge.pt", f"{cfg.out_dir}/tokenizer/ckpt.pt"
+    return f"{cfg.weights_dir}/judge.pt", f"{cfg.weights_dir}/tokenizer.pt"
+
+
 def stages(cfg):
     """[(name, command, output that marks it done)] in pipeline order."""
     py, d, o, w, args = sys.executable, cfg.data_dir, cfg.out_dir, cfg.weights_dir, STAGE_ARGS[cfg.preset]
-    tok, face, base, hear, qs = (os.path.join(o, n) for n in ("tokenizer", "face_encoder", "base", "hear",
-                                                               "quickstart"))
+    tok, face, base, hear = (os.path.join(o, n) for n in ("tokenizer", "face_encoder", "base", "hear"))
     dev, scratch, with_base = f"--device={cfg.device}", cfg.foundation == "scratch", "base" in args
-    judge, tok_ckpt = (f"{d}/judge.pt", f"{tok}/ckpt.pt") if scratch else (f"{w}/judge.pt", f"{w}/tokenizer.pt")
+    judge, tok_ckpt = judge_and_tokenizer(cfg)
     init = f"{base}/ckpt.pt" if with_base else f"{w}/base.pt"
     prep = "tiny" if cfg.preset == "tiny" else "synthfaces"
     out = [("data", [py, "-m", "data.synthfaces.prepare", f"--preset={prep}", f"--out_dir={d}", "--sheet_copy="],
@@ -107,8 +113,7 @@ def eval_stages(cfg):
     if cfg.preset == "foundation":
         judge, tok, face, hear, base = (f"{w}/{n}.pt" for n in ("judge", "tokenizer", "face_encoder", "hear", "base"))
     else:
-        scratch = cfg.foundation == "scratch"
-        judge, tok = (f"{d}/judge.pt", f"{o}/tokenizer/ckpt.pt") if scratch else (f"{w}/judge.pt", f"{w}/tokenizer.pt")
+        judge, tok = judge_and_tokenizer(cfg)
         face, hear, base = (f"{o}/{n}/ckpt.pt" for n in ("face_encoder", "hear", "base"))
     ev = [f"--data_dir={d}", f"--judge={judge}", dev] + args["eval"]
     out = [("pictures", [py, "eval.py", "--what=gallery", f"--ckpt={hear}", f"--out={qs}/gallery.png", *ev],
@@ -175,7 +180,10 @@ def check_foundation(weights_dir):
                         "weights/synthfaces), or train every part here with --foundation=scratch")
     with open(manifest) as f:
         for name in json.load(f)["files"]:
-            load_checkpoint(os.path.join(weights_dir, name))  # a missing file or another SHA-256: one line
+            path = os.path.join(weights_dir, name)
+            if not os.path.isfile(path):
+                raise UserError(f"{path} not found: restore it (git checkout -- weights/synthfaces)")
+            check_manifest(path)  # another SHA-256: one line
 
 
 def export_foundation(cfg):
