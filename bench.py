@@ -1,11 +1,10 @@
 """
-Speed, peak memory and MFU at the sizes of a preset, random weights and inputs (a benchmark, not a test).
-
-CPU figures at the quick-start sizes (issue 10), each on an otherwise idle machine, eager and compiled:
+Speed, peak memory and MFU at the sizes of a preset, random weights and inputs (a benchmark, not a test). Its CPU
+figures at the quick-start sizes (docs/from_scratch.md, CPU efficiency), each on an idle machine, eager and compiled:
   python bench.py --what=train [--compile=True]                   # transformer step: tokens/s, cpu_mfu
   python bench.py --what=tokenizer --batch_size=16 [--compile=True] [--channels_last=True]  # img/s, cpu_mfu
   python bench.py --what=recompute                      # KV cache vs recompute: ratio, token_limit 1.69x, of_limit
-  python bench.py --what=recompute --pn=1M --batch_size=1         # the 13-scale 1M schedule: token_limit 2.56x
+  python bench.py --what=recompute --pn=1M --batch_size=1         # the 13-scale 1M schedule: token_limit 2.57x
 --profile=True adds each stage's per-op table; on a busy box, OMP_NUM_THREADS=1 with --clock=cpu is steadier.
 GPU, one H100 / H200, under 10 minutes: bash tests/gpu/run.sh
 
@@ -29,6 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import face_encoder as fe
+import face_loss as fl
 import model as hear_model
 import tokenizer as tok
 from common import UserError, autocast, cli, resolve_device, run_info
@@ -65,7 +65,7 @@ class Config:
 
 PRESETS = {
     "synthfaces": {},  # the quick-start sizes: transformer depth 4, C 128, batch 32; tokenizer 64 px
-    # Infinity-2B + HEAR, d32 VAE, 1024 px face crop (FT 265, v_hf 10256), grad checkpointing; 1M batch 4: ~60 GB
+    # Infinity-2B + HEAR, d32 VAE, 1024 px face crop (FT 265, v_hf 10256), grad checkpointing (docs/performance.md)
     "infinity_2b": {"pn": "1M", "batch_size": 4, "text_len": 64, "face_size": 1024, "hf_first_scale": 6,
                     "patch_size": 16, "vae_base_ch": 128, "vae_ch_mult": (1, 2, 4, 4, 4), "vae_res_blocks": 2},
 }
@@ -144,7 +144,7 @@ def bench_train(cfg, device, s):
         opt.zero_grad(set_to_none=True)
 
     dt = timed(step, cfg, device, "train")
-    flops = net.estimate_flops_per_token(s.schedule, cfg.text_len + s.v_g.shape[1], s.v_hf.shape[1]) * B * L
+    flops = net.estimate_flops_per_token(s.schedule, cfg.text_len, s.v_g.shape[1], s.v_hf.shape[1]) * B * L
     return dict(params_M=round(net.num_params() / 1e6, 2), batch=B, tokens_per_image=L, step_s=round(dt, 4),
                 tokens_per_s=round(B * L / dt), **utilisation(cfg, device, flops / dt))
 
@@ -160,7 +160,7 @@ def bench_tokenizer(cfg, device, _):
     vae, B = make_vae(cfg, device), cfg.batch_size
     (H, W), schedule, _ = geometry(cfg.pn, cfg.image_size, 1.0, cfg.patch_size)
     x = torch.rand(B, 3, H, W, device=device) * 2 - 1  # (channels_last weights make the convolutions channels_last)
-    loss_fn = fe.CompositeLoss({"l1": 0.2, "l2": 1.0, "vq": 1.0}, alpha=1.0)  # train_tokenizer's synthfaces loss
+    loss_fn = fl.CompositeLoss({"l1": 0.2, "l2": 1.0, "vq": 1.0}, alpha=1.0)  # train_tokenizer's synthfaces loss
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, betas=(0.9, 0.99), fused=device.startswith("cuda"))
 
     def step():

@@ -1,6 +1,6 @@
 """
-Checkpoints: atomic writes, weights-only reads with one-line errors, foreign state dicts (the official Infinity and
-VAE files), and the RNG state a resumed run restores. Every file this project writes loads with
+Checkpoints: atomic writes, weights-only reads and strict loads with one-line errors, foreign state dicts (the
+official Infinity and VAE files), and the RNG state a resumed run restores. Every file this project writes loads with
 torch.load(weights_only=True): no pickled objects, so a checkpoint can never run code when it is read.
 
 Faults of a training run, shared by train.py and train_tokenizer.py (class Faults): a non-finite loss, SIGTERM /
@@ -148,6 +148,32 @@ def read_state_dict(src, unwrap=()):
         if isinstance(src.get(key), dict):
             return dict(src[key])
     return dict(src)
+
+
+def short_list(names, n=4):
+    """The first n names of a list, for a one-line error: 'a, b, c, d, ... (+3)'."""
+    return ", ".join(names[:n]) + (f", ... (+{len(names) - n})" if len(names) > n else "")
+
+
+def load_strict(module, state_dict, source, remedy="the file is damaged or was edited: use the one training wrote",
+                optional=(), assign=False):
+    """module.load_state_dict(state_dict) in which every tensor is used and every shape matches; only the names in
+    `optional` may be absent (those tensors are left as they are). Anything else raises CheckpointMismatchError with
+    one line instead of torch's multi-line report: '<source>: the weights do not fit the <Module> (N missing: ...;
+    N unexpected: ...; N shape mismatch (checkpoint vs model): ...); <remedy>'. Keys are compared as given: renaming
+    foreign (official) names is the caller's business."""
+    expected, optional = module.state_dict(), set(optional)
+    missing = [k for k in expected if k not in state_dict and k not in optional]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} {list(v.shape)} vs {list(expected[k].shape)}" for k, v in state_dict.items()
+             if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{len(names)} {what}: {short_list(names)}" for what, names in
+                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch (checkpoint vs model)", wrong))
+                 if names]
+        raise CheckpointMismatchError(f"{source}: the weights do not fit the {type(module).__name__} "
+                                      f"({'; '.join(parts)}); {remedy}")
+    module.load_state_dict(state_dict, strict=not optional, assign=assign)
 
 
 def rng_state():

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import CheckpointMismatchError, read_state_dict  # noqa: F401 (the error is re-exported)
+from checkpoint import CheckpointMismatchError, load_strict, read_state_dict, short_list  # noqa: F401 (re-exported)
 from tokenizer import add_scale, token_offsets
 
 try:  # FlexAttention (torch >= 2.5) runs the block-causal mask tile by tile instead of as an L x L tensor
@@ -51,7 +51,7 @@ class ModelConfig:
     num_heads: int = 4  # attention heads; head_dim = C / num_heads must be a multiple of 4 (2-D RoPE)
     mlp_ratio: float = 4.0  # FFN hidden = round(C * mlp_ratio / 256) * 256 (official rounding)
     codebook_dim: int = 32  # d: bits per token = latent channels of the tokenizer
-    text_channels: int = 256  # Ct: width of the text features (>= 128: the text pool has Ct // 128 heads)
+    text_channels: int = 256  # Ct: width of the text features; text pool heads = Ct // 128 (// 64 when C > 4096)
     text_maxlen: int = 64  # rows of the learned null caption cfg_uncond (the longest caption CFG can replace)
     num_levels: int = 15  # rows of lvl_embed (the most scales a schedule may have)
     norm_eps: float = 1e-6  # epsilon of every LayerNorm / RMSNorm
@@ -64,13 +64,15 @@ class ModelConfig:
     attn_backend: str = "auto"  # training mask kernel: auto (FlexAttention on CUDA, else SDPA) | flex | sdpa
 
     def __post_init__(self):
+        if self.attn_backend not in ("auto", "flex", "sdpa"):
+            raise ValueError(f"attn_backend={self.attn_backend!r}: choose auto, flex or sdpa")
         if self.num_heads < 1 or self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
             raise ValueError(f"embed_dim {self.embed_dim} / num_heads {self.num_heads} must give a head_dim that is "
                              "a multiple of 4 (2-D RoPE splits it into row and column pairs)")
         heads = text_pool_heads(self.embed_dim, self.text_channels)
         if heads < 1 or self.embed_dim % heads:
-            raise ValueError(f"text_channels {self.text_channels} gives {heads} text-pool heads (Ct // 128, as "
-                             f"official); it must be >= 1 and divide embed_dim {self.embed_dim}")
+            raise ValueError(f"text_channels {self.text_channels} gives {heads} text-pool heads (Ct // 128; // 64 if "
+                             f"embed_dim > 4096); it must be >= 1 and divide embed_dim {self.embed_dim}")
 
 
 # Official Infinity-2B sizes (infinity_2b_reg.pth, with the d32 BSQ-VAE); presets themselves live in the scripts.
@@ -82,8 +84,8 @@ HEAR_PARAM_MARKERS = ("face_global_proj.", "face_hf_proj.", ".mat_kv_hf.", ".v_b
 
 
 def text_pool_heads(C, Ct):
-    """Heads of the text attention pool as official: head width 128 (64 when C > 4096) fixes Ct // width heads,
-    then each head has C // heads channels (2B: 16 heads of 128; the tiny fixture, Ct 256: 2 heads of C / 2)."""
+    """Heads of the text attention pool, as official: Ct // 128, or Ct // 64 when C > 4096 (the official "head_dim"
+    only fixes this count); each head has C // heads channels (2B: 16 of 128; tiny fixture, C 128, Ct 256: 2 of 64)."""
     return Ct // (64 if C > 4096 else 128)
 
 
@@ -155,6 +157,7 @@ class SelfAttention(nn.Module):
         self.mat_qkv = nn.Linear(C, 3 * C, bias=False)  # rows [q; k; v], heads contiguous
         self.q_bias = nn.Parameter(torch.zeros(C))
         self.v_bias = nn.Parameter(torch.zeros(C))  # (the official K bias is a zero buffer)
+        # s_h, the log temperature per head, (1, H, 1, 1); the name is the official checkpoint key
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.proj = nn.Linear(C, C)
 
@@ -183,8 +186,9 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Softmax cross-attention to a key-padded token set, scale 1/sqrt(hd) [Infinity]. `pool=True`: the query is one
-    learned vector per head (text attention pool). `hf_adapter=True`: HEAR's decoupled second K/V (Eq. (6)-(7))."""
+    """Softmax cross-attention to a key-padded token set, scale 1/sqrt(hd) [Infinity]. forward: a block's attention to
+    the text (+ global face) tokens, Eq. (4), plus HEAR's decoupled high-frequency attention, Eq. (6)-(7), when
+    hf_adapter=True. pool: the text attention pool (pool=True), whose query is one learned vector per head."""
 
     def __init__(self, C, kv_dim, num_heads, pool=False, hf_adapter=False):
         super().__init__()
@@ -197,48 +201,56 @@ class CrossAttention(nn.Module):
             self.mat_kv_hf = nn.Linear(C, 2 * C, bias=False)
             self.v_bias_hf = nn.Parameter(torch.zeros(C))
 
-    def _keys_values(self, src, weight, v_bias):
-        """src (B, T, kv_dim) -> keys, values (B, H, T, hd) each; K has no bias, V has v_bias."""
+    def _keys_values(self, src, weight, v_bias, cache=None, name=None):
+        """src (B, T, kv_dim) -> keys, values (B, H, T, hd) each; K has no bias, V has v_bias. In KV-cached sampling the
+        condition is the same at every scale: they are computed at the first scale and kept in cache[name]."""
+        if cache is not None and name in cache:
+            return cache[name]
         B, T, _ = src.shape
         kv = F.linear(src, weight, torch.cat((torch.zeros_like(v_bias), v_bias)))  # (B, T, 2C)
-        return kv.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = kv.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if cache is not None:
+            cache[name] = (k, v)
+        return k, v
 
-    def forward(self, x, src, src_mask, hf=None, hf_null=None, id_scale=1.0, cache=None):
-        """x (B, l, C) queries (None: the learned pool query, l = 1), src (B, T, kv_dim), src_mask (B, T) bool
-        (True = real token), hf (B_f, N, C) high-frequency face tokens of the first B_f rows or None, hf_null (1, 1, C)
-        the projected zero face token of the remaining B - B_f rows -> (B, l, C)."""
-        B = src.shape[0]
-        if x is None:
-            q = self.mat_q.unsqueeze(2).expand(B, -1, -1, -1)  # (B, H, 1, hd)
-        else:
-            q = self.mat_q(x).view(B, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, l, hd)
-        if cache is not None and "ca" in cache:  # sampling: the text keys/values are the same at every scale
-            k, v = cache["ca"]
-        else:
-            k, v = self._keys_values(src, self.mat_kv.weight, self.v_bias)  # (B, H, T, hd)
-            if cache is not None:
-                cache["ca"] = (k, v)
-        # Eq. (4) [HEAR]: Z_g = softmax(Q K^T / sqrt(hd)) V over the valid tokens of each sample (the official varlen
-        # flash call); NOTE: the key-padding mask rules out SDPA's flash kernel
-        z = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=src_mask[:, None, None, :])
-        if hf is not None and id_scale != 0:
-            if cache is not None and "ca_hf" in cache:
-                k_hf, v_hf = cache["ca_hf"]
-            else:
-                k_hf, v_hf = self._keys_values(hf, self.mat_kv_hf.weight, self.v_bias_hf)  # (B_f, H, N, hd)
-                if cache is not None:
-                    cache["ca_hf"] = (k_hf, v_hf)
-            # Eq. (6) [HEAR]: Z_hf = softmax(Q K'^T / sqrt(hd)) V', the same Q as Eq. (4)
-            z_hf = F.scaled_dot_product_attention(q[: len(hf)], k_hf.to(q.dtype), v_hf.to(q.dtype))
-            if hf_null is not None:
-                # rows after B_f (CFG's unconditional half) have zero face tokens, which W_hf maps to one vector: all
-                # their keys are equal, so the softmax is uniform and Z_hf is that token's value, at any N
-                v_null = self._keys_values(hf_null, self.mat_kv_hf.weight, self.v_bias_hf)[1]  # (1, H, 1, hd)
-                z_hf = torch.cat((z_hf, v_null.to(q.dtype).expand(B - len(hf), -1, q.shape[2], -1)))
+    def attention(self, q, src, src_mask, cache=None):
+        """softmax(Q K^T / sqrt(hd)) V with K = W_K src, V = W_V src over the valid tokens of each sample (the official
+        varlen flash call). q (B, H, l, hd), src (B, T, kv_dim), src_mask (B, T) bool, True = real token
+        -> (B, H, l, hd). NOTE: the key-padding mask rules out SDPA's flash kernel."""
+        k, v = self._keys_values(src, self.mat_kv.weight, self.v_bias, cache, "ca")  # (B, H, T, hd)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=src_mask[:, None, None, :])
+
+    def hf_attention(self, q, hf, hf_null, cache=None):
+        """HEAR's decoupled high-frequency cross-attention: q (B, H, l, hd) of Eq. (4), hf (B_f, N, C) the face tokens
+        v_hf of rows :B_f (B_f <= B), hf_null (1, 1, C) v_hf of a zero face token -> Z_hf (B, H, l, hd). Rows B_f.. are
+        CFG's unconditional half (sampling_condition): their face tokens are all zero, which W_hf maps to one vector,
+        so their N keys are equal, the softmax is uniform and Z_hf is that token's value V', at any N. They get it
+        directly, instead of (B - B_f) x N copies of that token in every block's KV cache."""
+        k, v = self._keys_values(hf, self.mat_kv_hf.weight, self.v_bias_hf, cache, "ca_hf")  # (B_f, H, N, hd)
+        # Eq. (6) [HEAR]: Z_hf = softmax(Q K'^T / sqrt(hd)) V', K' = W'_K v_hf, V' = W'_V v_hf, the Q of Eq. (4)
+        z_hf = F.scaled_dot_product_attention(q[: len(hf)], k.to(q.dtype), v.to(q.dtype))  # (B_f, H, l, hd)
+        if len(hf) < len(q):
+            v_null = self._keys_values(hf_null, self.mat_kv_hf.weight, self.v_bias_hf)[1]  # (1, H, 1, hd)
+            z_hf = torch.cat((z_hf, v_null.to(q.dtype).expand(len(q) - len(hf), -1, q.shape[2], -1)))
+        return z_hf
+
+    def pool(self, text, mask):
+        """The text attention pool [Infinity]: the learned query mat_q (one vector per head) attends to text (B, T, Ct)
+        with mask (B, T) -> (B, C)."""
+        q = self.mat_q.unsqueeze(2).expand(len(text), -1, -1, -1)  # (B, H, 1, hd)
+        return self.proj(self.attention(q, text, mask).transpose(1, 2).reshape(len(text), 1, -1)).squeeze(1)
+
+    def forward(self, x, c, cache=None):
+        """x (B, l, C) normalised image tokens, c: Condition, cache: the block's sampling cache or None -> (B, l, C)."""
+        B, n, _ = x.shape
+        q = self.mat_q(x).view(B, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, l, hd): Q = W_Q Z
+        # Eq. (4) [HEAR]: Z_g = softmax(Q K^T / sqrt(hd)) V, K = W_K f, V = W_V f, f = the text (+ global face) tokens
+        z = self.attention(q, c.kv, c.kv_mask, cache)
+        if c.hf is not None and c.id_scale != 0:
             # Eq. (7) [HEAR]: Z' = Z_g + lambda Z_hf. NOTE: differs from [HEAR] Eq. (7), which has no lambda: lambda is
             # 1 in training (the paper's equation) and id_scale at sampling, the identity-strength knob of IP-Adapter
-            z = z + id_scale * z_hf
-        return self.proj(z.transpose(1, 2).reshape(B, q.shape[2], -1))  # (B, l, C)
+            z = z + c.id_scale * self.hf_attention(q, c.hf, c.hf_null, cache)
+        return self.proj(z.transpose(1, 2).reshape(B, n, -1))  # (B, l, C)
 
 
 class TextAttentivePool(nn.Module):
@@ -251,7 +263,7 @@ class TextAttentivePool(nn.Module):
 
     def forward(self, text, mask):
         """text (B, T, Ct), mask (B, T) -> (B, C)"""
-        return self.ca(None, text, mask).squeeze(1)
+        return self.ca.pool(text, mask)
 
 
 class FFN(nn.Module):
@@ -269,11 +281,11 @@ class Condition(NamedTuple):
     """What the blocks read besides the image tokens; built once per forward / generate call."""
 
     cond: torch.Tensor  # (B, C) pooled text: the sos token, the AdaLN and head-AdaLN input
-    gss: torch.Tensor  # (B, 1, 6, C) shared AdaLN projection of cond
+    modulation: torch.Tensor  # (B, 1, 6, C) shared AdaLN gammas, scales, shifts from cond (official name: gss)
     kv: torch.Tensor  # (B, T', C) cross-attention source f of Eq. (3): projected text (+ global face) tokens
     kv_mask: torch.Tensor  # (B, T') bool, True = real token
-    hf: torch.Tensor | None  # (B_f, N, C) projected high-frequency face tokens v_hf of Eq. (5), or None
-    hf_null: torch.Tensor | None  # (1, 1, C) projected zero face token of rows B_f.. (CFG's unconditional half)
+    hf: torch.Tensor | None  # (B_f, N, C) projected high-frequency face tokens v_hf of Eq. (5) of rows :B_f, or None
+    hf_null: torch.Tensor | None  # (1, 1, C) v_hf of a zero face token, for rows B_f.. (CrossAttention.hf_attention)
     id_scale: float  # lambda of Eq. (7)
 
 
@@ -299,11 +311,11 @@ class Block(nn.Module):
 
     def forward(self, x, c, rope, attn_mask=None, cache=None):
         """x (B, l, C), c: Condition -> (B, l, C)"""
-        # official order along dim 2 of ada_gss + gss: gamma1, gamma2, scale1, scale2, shift1, shift2
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + c.gss).unbind(2)  # (B, 1, C) each
+        # official order along dim 2: gamma1, gamma2, scale1, scale2, shift1, shift2
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + c.modulation).unbind(2)  # (B, 1, C) each
         h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1 + scale1) + shift1
         x = x + self._drop(self.sa(h, rope, attn_mask, cache) * gamma1)
-        x = x + self.ca(self.ca_norm(x), c.kv, c.kv_mask, c.hf, c.hf_null, c.id_scale, cache)
+        x = x + self.ca(self.ca_norm(x), c, cache)
         h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1 + scale2) + shift2
         return x + self._drop(self.ffn(h) * gamma2)
 
@@ -354,6 +366,14 @@ def scale_loss_weights(schedule, reweight=True):
     last = schedule[-1][0] * schedule[-1][1]
     w = torch.cat([torch.full((h * w,), math.sqrt(last / (h * w)) if reweight else 1.0) for h, w in schedule])
     return w / w.sum()
+
+
+def _per_scale(value, K, name):
+    """A scalar, or a list / tuple of one value per scale -> K values (generate's cfg_scale, tau and id_scale)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * K
+    if len(values) != K:
+        raise ValueError(f"{name} needs one value per scale ({K}), got {len(values)}")
+    return values
 
 
 # -----------------------------------------------------------------------------
@@ -450,16 +470,27 @@ class HEARTransformer(nn.Module):
         """Number of parameters (all, or only those with requires_grad)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def estimate_flops_per_token(self, schedule, text_len=0, num_hf_tokens=0):
-        """Training FLOPs per image token (forward + backward) [PaLM App. B]: 6 N for the N parameters applied to every
-        image token, plus 12 * depth * C * keys for attention scores and values, where keys = the mean number of
-        tokens a query sees under the block-causal mask (its own and all earlier scales) + text (+ face) tokens.
-        Text-side projections run once per caption, not per image token, and are left out."""
+    def estimate_flops_per_token(self, schedule, text_len=0, num_global_tokens=0, num_hf_tokens=0):
+        """Training FLOPs per image token (forward + backward) [PaLM App. B]: 6 N + 12 * depth * C * keys, the one
+        count behind train.py's and bench.py's MFU.
+        N: the parameters every image token passes through: the blocks, word_embed and head, without the
+        cross-attention K/V projections (mat_kv, mat_kv_hf and their V biases), which run on the text and face tokens,
+        and without head_nm, whose AdaLN reads the pooled caption once per sample (the blocks' few gains and AdaLN
+        offsets count like weights, a fraction of a percent). 6 = 2 (multiply-add) x 3 (forward, backward to the
+        activations, backward to the weights).
+        keys: the keys one image query attends to in a block; each costs 4 C forward (Q K^T and the weighted sum of
+        V), x 3 with the backward = 12 C. keys = seen + text_len + num_global_tokens + num_hf_tokens:
+          seen: the mean number of image tokens a query sees under the block-causal mask (its own and all earlier
+            scales): model FLOPs, whether the kernel skips the masked tiles (FlexAttention) or not (SDPA's mask)
+          text_len: caption tokens as padded in the batch (the key-padding mask does not shorten SDPA's work)
+          num_global_tokens: global face tokens v_g, joined to the text keys (Eq. (3))
+          num_hf_tokens: high-frequency face tokens v_hf of the decoupled cross-attention, same query (Eq. (6))
+        Per-sample work (text and face projections, the shared AdaLN) and the text and face encoders are left out."""
         sizes = [h * w for h, w in schedule]
         seen = sum(s * sum(sizes[: k + 1]) for k, s in enumerate(sizes)) / sum(sizes)  # mean visible self-attn keys
-        per_token = [p.numel() for n, p in self.named_parameters() if n.startswith(("blocks.", "word_embed", "head"))
-                     and ".mat_kv" not in n and ".v_bias_hf" not in n and not n.endswith("ca.v_bias")]
-        keys = seen + text_len + num_hf_tokens
+        per_token = [p.numel() for n, p in self.named_parameters() if n.startswith(("blocks.", "word_embed.", "head."))
+                     and ".mat_kv" not in n and "v_bias_hf" not in n and not n.endswith("ca.v_bias")]
+        keys = seen + text_len + num_global_tokens + num_hf_tokens
         return 6 * sum(per_token) + 12 * self.cfg.depth * self.cfg.embed_dim * keys
 
     # ----- conditioning
@@ -481,8 +512,8 @@ class HEARTransformer(nn.Module):
 
     def encode_condition(self, text, text_lens, face_global=None, face_hf=None, id_scale=1.0):
         """text (B, T, Ct) zero-padded, text_lens (B,) >= 1, face_global (B, N_g, global_face_dim) or None,
-        face_hf (B_f <= B, N_hf, hf_face_dim) or None (rows B_f.. get zero face tokens) -> Condition. Runs in fp32
-        (autocast off), as official."""
+        face_hf (B_f <= B, N_hf, hf_face_dim) or None (rows B_f.. have zero face tokens, see
+        CrossAttention.hf_attention) -> Condition. Runs in fp32 (autocast off), as official."""
         for tokens, flag in ((face_global, "use_global_face"), (face_hf, "use_hf_adapter")):
             if tokens is not None and not getattr(self.cfg, flag):
                 raise ValueError(f"face tokens given, but the model was built with {flag}=False")
@@ -509,10 +540,9 @@ class HEARTransformer(nn.Module):
             hf = hf_null = None
             if face_hf is not None:
                 hf = self.face_hf_proj(face_hf.float())  # Eq. (5): v_hf = v[FT:] W_hf, (B_f, N, C)
-                if len(hf) < B:  # rows B_f.. (CFG's unconditional half) have zero face tokens: W_hf 0 = the bias
-                    hf_null = self.face_hf_proj.bias.float().view(1, 1, -1)
-            gss = self.shared_ada_lin(cond).view(B, 1, 6, -1)  # (B, 1, 6, C)
-        return Condition(cond, gss, kv, kv_mask, hf, hf_null, id_scale)
+                hf_null = self.face_hf_proj.bias.float().view(1, 1, -1)  # W_hf of a zero face token: its bias
+            modulation = self.shared_ada_lin(cond).view(B, 1, 6, -1)  # (B, 1, 6, C)
+        return Condition(cond, modulation, kv, kv_mask, hf, hf_null, id_scale)
 
     def compile_blocks(self, **kwargs):
         """torch.compile each block in place: one shared graph, whatever the depth; parameter names do not change."""
@@ -540,18 +570,19 @@ class HEARTransformer(nn.Module):
 
     # ----- training forward
 
-    def forward(self, text, text_lens, x_BLC_wo_prefix, schedule, rope_grid, face_global=None, face_hf=None,
+    def forward(self, text, text_lens, scale_inputs, schedule, rope_grid, face_global=None, face_hf=None,
                 id_scale=1.0, drop_cond=None):
         """Teacher-forced logits, Eq. (8) [HEAR] with the block-causal mask. text (B, T, Ct) zero-padded, text_lens
-        (B,), x_BLC_wo_prefix (B, L - 1, d) = inputs of scales 2..K (trilinear-downsampled cumulative codes),
-        schedule [(h, w), ...], rope_grid (rows, cols), drop_cond (B,) bool for CFG dropout -> logits (B, L, 2d)."""
+        (B,), scale_inputs (B, L - 1, d) = inputs of scales 2..K, the trilinear-downsampled cumulative codes (official
+        name: x_BLC_wo_prefix), schedule [(h, w), ...], rope_grid (rows, cols), drop_cond (B,) bool for CFG dropout
+        -> logits (B, L, 2d)."""
         L = token_offsets(schedule)[-1]
-        if x_BLC_wo_prefix.shape[1] != L - 1:
-            raise ValueError(f"x_BLC_wo_prefix has {x_BLC_wo_prefix.shape[1]} tokens; the schedule needs L-1 = {L - 1}")
+        if scale_inputs.shape[1] != L - 1:
+            raise ValueError(f"scale_inputs has {scale_inputs.shape[1]} tokens; the schedule needs L-1 = {L - 1}")
         if drop_cond is not None:
             text, face_global, face_hf = self.drop_condition(text, drop_cond, face_global, face_hf)
         c = self.encode_condition(text, text_lens, face_global, face_hf, id_scale)
-        x = torch.cat((c.cond[:, None] + self.pos_start, self.word_embed(x_BLC_wo_prefix)), dim=1)  # (B, L, C)
+        x = torch.cat((c.cond[:, None] + self.pos_start, self.word_embed(scale_inputs)), dim=1)  # (B, L, C)
         scale_id = torch.cat([torch.full((h * w,), k, device=x.device) for k, (h, w) in enumerate(schedule)])  # (L,)
         x = x + self.lvl_embed(scale_id)
         rope = tuple(t.to(x.device) for t in rope_2d_table(schedule, rope_grid, self.blocks[0].sa.head_dim))
@@ -566,14 +597,14 @@ class HEARTransformer(nn.Module):
     # ----- sampling
 
     def sampling_condition(self, text, text_lens, negative_text=None, negative_lens=None, face_global=None,
-                           face_hf=None, id_scale=1.0, guided=True):
-        """The Condition of generate(). guided (CFG): a batch of 2B rows [cond; uncond], uncond = the learned null
-        caption cfg_uncond[:len_b] with the positive caption's own lengths (official) or the negative prompt, and zero
-        face tokens: the null condition that drop_condition() trains."""
+                           face_hf=None, guided=True):
+        """The Condition of generate() (its id_scale is set per scale there). guided (CFG): a batch of 2B rows [cond;
+        uncond], uncond = the learned null caption cfg_uncond[:len_b] with the positive caption's own lengths
+        (official) or the negative prompt, and zero face tokens: the null condition that drop_condition() trains."""
         if (text_lens < 1).any():
             raise ValueError("every caption needs at least one token (text_lens >= 1)")
         if not guided:
-            return self.encode_condition(text, text_lens, face_global, face_hf, id_scale)
+            return self.encode_condition(text, text_lens, face_global, face_hf)
         B = text.shape[0]
         if negative_text is None:
             negative_text, negative_lens = self.null_text(text.shape[1]).expand(B, -1, -1), text_lens
@@ -583,35 +614,30 @@ class HEARTransformer(nn.Module):
         text = torch.cat([F.pad(t.to(text), (0, 0, 0, T - t.shape[1])) for t in (text, negative_text)])  # (2B, T, Ct)
         lens = torch.cat((text_lens, negative_lens.to(text_lens)))
         face_global = None if face_global is None else torch.cat((face_global, torch.zeros_like(face_global)))
-        # face_hf keeps its B rows: encode_condition gives the B unconditional rows the zero face token
-        return self.encode_condition(text, lens, face_global, face_hf, id_scale)
+        # face_hf keeps its B rows: the unconditional rows' zero face tokens are CrossAttention.hf_attention's shortcut
+        return self.encode_condition(text, lens, face_global, face_hf)
 
     @torch.no_grad()
     def generate(self, text, text_lens, schedule, rope_grid, cfg_scale=3.0, tau=1.0, top_k=900, top_p=0.97,
-                 generator=None, negative_text=None, negative_lens=None, face_global=None, face_hf=None, id_scale=1.0,
-                 hf_from_scale=0, probe=None):
+                 generator=None, negative_text=None, negative_lens=None, face_global=None, face_hf=None, id_scale=1.0):
         """KV-cached next-scale sampling, Eq. (8) [HEAR], with classifier-free guidance on the logits as the official
-        autoregressive_infer_cfg. cfg_scale, tau: scalars or per-scale lists; the high-frequency adapter acts from
-        scale hf_from_scale on (0: every scale). Returns {"latent": (B, d, H, W) summed codes for the decoder,
-        "bits": [(B, h, w, d) int64 per scale], "per_scale": [(B, d, H, W) running sum after each scale] (Fig. 8)}.
-        probe (tests and parity checks only): a dict; probe["teacher_bits"] (per-scale bits) replace the sampled bits
-        of the first scales (the sampler still draws, so the RNG stream is unchanged); probe["logits"] is filled with
-        the sampler input (B, L, 2d) after CFG and 1/tau."""
+        autoregressive_infer_cfg; each scale's bits are drawn by sample_bits from its logits after CFG and 1/tau.
+        cfg_scale, tau and id_scale (lambda of Eq. (7); 0 turns the high-frequency adapter off): a scalar, or a list of
+        one value per scale. Returns {"latent": (B, d, h_K, w_K) summed codes for the decoder, "bits": [(B, h, w, d)
+        int64 per scale], "per_scale": [(B, d, h_K, w_K) running sum after each scale, at the full latent size]
+        (Fig. 8)}."""
         B, K = text.shape[0], len(schedule)
-        cfgs = list(cfg_scale) if isinstance(cfg_scale, (list, tuple)) else [cfg_scale] * K
-        taus = list(tau) if isinstance(tau, (list, tuple)) else [tau] * K
-        if len(cfgs) != K or len(taus) != K:
-            raise ValueError(f"cfg_scale and tau lists need one value per scale ({K})")
+        cfgs, taus, id_scales = (_per_scale(v, K, name) for v, name in
+                                 ((cfg_scale, "cfg_scale"), (tau, "tau"), (id_scale, "id_scale")))
         guided = any(s != 1 for s in cfgs)
-        c = self.sampling_condition(text, text_lens, negative_text, negative_lens, face_global, face_hf, id_scale,
-                                    guided)
+        c = self.sampling_condition(text, text_lens, negative_text, negative_lens, face_global, face_hf, guided)
         cos, sin = (t.to(text.device) for t in rope_2d_table(schedule, rope_grid, self.blocks[0].sa.head_dim))
-        offsets, (H, W) = token_offsets(schedule), schedule[-1]
-        x = c.cond[:, None] + self.pos_start  # (B', 1, C): the sos token is scale 1's input
-        caches, summed = [{} for _ in self.blocks], torch.zeros(B, self.cfg.codebook_dim, H, W, device=text.device)
-        out, teacher, seen = {"bits": [], "per_scale": []}, (probe or {}).get("teacher_bits", []), []
+        offsets = token_offsets(schedule)
+        x = c.cond[:, None] + self.pos_start  # (B', 1, C), B' = 2B with CFG: the sos token is scale 1's input
+        caches, out = [{} for _ in self.blocks], {"bits": [], "per_scale": []}
+        summed = torch.zeros(B, self.cfg.codebook_dim, *schedule[-1], device=text.device)  # (B, d, h_K, w_K)
         for k, (h, w) in enumerate(schedule):
-            ck = c if k >= hf_from_scale else c._replace(id_scale=0.0)  # adapter off before scale hf_from_scale
+            ck = c._replace(id_scale=id_scales[k])
             # parity: RoPE rows are sliced at the scale's token offset (the official unfused path drops that offset in
             # KV-cached inference; a known bug not copied here)
             rope = (cos[offsets[k]:offsets[k + 1]], sin[offsets[k]:offsets[k + 1]])
@@ -622,25 +648,16 @@ class HEARTransformer(nn.Module):
             if guided:  # CFG on logits: cfg * l_c / tau + (1 - cfg) * l_u / tau
                 logits = cfgs[k] * logits[:B] + (1 - cfgs[k]) * logits[B:] if cfgs[k] != 1 else logits[:B]
             bits = sample_bits(logits.reshape(B, -1, 2), top_k, top_p, generator).view(B, h, w, -1)  # (B, h, w, d)
-            bits = teacher[k].to(bits) if k < len(teacher) else bits
             summed, nxt = add_scale(summed, bits, schedule, k)  # Eq. (12) running sum; scale k+1's input tokens
             out["bits"].append(bits), out["per_scale"].append(summed)
-            if probe is not None:
-                seen.append(logits)
             if nxt is not None:
                 x = self.word_embed(nxt)  # (B, l', C)
                 x = x.repeat(2, 1, 1) if guided else x
-        if probe is not None:
-            probe["logits"] = torch.cat(seen, dim=1)  # (B, L, 2d)
         return {"latent": summed, **out}
 
 
 # -----------------------------------------------------------------------------
 # Official Infinity weights
-
-
-def _short(names, n=4):
-    return ", ".join(names[:n]) + (f", ... (+{len(names) - n})" if len(names) > n else "")
 
 
 def load_infinity(path_or_state_dict, **hear_overrides):
@@ -656,15 +673,15 @@ def load_infinity(path_or_state_dict, **hear_overrides):
     # zero_k_bias: official always-zero K-bias buffers; we add no K bias, so they must be zero
     ignored = sorted(k for k in sd if k.endswith("zero_k_bias"))
     if any(not sd[k].is_meta and sd[k].any() for k in ignored):  # (meta tensors: a key/shape check only)
-        raise CheckpointMismatchError(f"load_infinity: non-zero zero_k_bias buffers ({_short(ignored)}); "
+        raise CheckpointMismatchError(f"load_infinity: non-zero zero_k_bias buffers ({short_list(ignored)}); "
                                       "this is not an Infinity checkpoint this code can represent")
     sd = {k: v for k, v in sd.items() if not k.endswith("zero_k_bias")}
     need = ["word_embed.weight", "text_norm.weight", "cfg_uncond", "lvl_embed.weight", "blocks.0.sa.scale_mul_1H11",
             "blocks.0.ffn.fc1.weight"]
-    if [k for k in need if k not in sd]:
+    if absent := [k for k in need if k not in sd]:
         raise CheckpointMismatchError(
-            f"load_infinity: cannot infer the model sizes, missing {_short([k for k in need if k not in sd])}; pass an "
-            "official Infinity transformer state_dict (e.g. infinity_2b_reg.pth), not a VAE or a training checkpoint")
+            f"load_infinity: cannot infer the model sizes, missing {short_list(absent)}; pass an official Infinity "
+            "transformer state_dict (e.g. infinity_2b_reg.pth), not a VAE or a training checkpoint")
     C, d = sd["word_embed.weight"].shape
     sizes = dict(depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), embed_dim=C,
                  num_heads=sd["blocks.0.sa.scale_mul_1H11"].shape[1], codebook_dim=d,
@@ -679,17 +696,9 @@ def load_infinity(path_or_state_dict, **hear_overrides):
         model = HEARTransformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     new = [k for k in expected if k not in sd and any(m in k for m in HEAR_PARAM_MARKERS)]
-    missing = [k for k in expected if k not in sd and k not in new]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {list(v.shape)} vs {list(expected[k])}" for k, v in sd.items()
-             if k in expected and v.shape != expected[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{len(v)} {name}: {_short(v)}" for name, v in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape (checkpoint vs model)", wrong)) if v]
-        raise CheckpointMismatchError("load_infinity: weights do not match the inferred model (" + "; ".join(parts) +
-                                      "); pass an unmodified official Infinity transformer state_dict, with HEAR "
-                                      "options (use_global_face, use_hf_adapter, ...) matching its HEAR keys")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=True)
+    load_strict(model, {k: v.float() for k, v in sd.items()}, "load_infinity", "pass an unmodified official Infinity "
+                "transformer state_dict, with HEAR options (use_global_face, use_hf_adapter, ...) matching its HEAR "
+                "keys", optional=new, assign=True)  # assign: the fp32 tensors replace the meta ones
     for name in new:  # the HEAR-only parameters are still on the meta device: allocate and initialise them
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, p := nn.Parameter(torch.empty(expected[name])))

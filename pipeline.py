@@ -26,7 +26,7 @@ import face_detect as fd
 import face_encoder as fe
 import model as hear_model
 import tokenizer as tok
-from checkpoint import CheckpointMismatchError, load_checkpoint
+from checkpoint import CheckpointMismatchError, load_checkpoint, load_strict
 from common import UserError, log
 from data.manifest import geometry, load_image
 
@@ -45,25 +45,8 @@ def load_tokenizer(spec):
     if not isinstance(ckpt, dict) or "tokenizer_config" not in ckpt:
         raise UserError(f"{spec} is not a train_tokenizer.py checkpoint (no tokenizer_config)")
     vae = tok.BSQVAE(tok.TokenizerConfig(**ckpt["tokenizer_config"]))
-    load_weights(vae, ckpt["model"], spec)
+    load_strict(vae, ckpt["model"], spec)
     return vae.eval().requires_grad_(False), ckpt
-
-
-def load_weights(module, state_dict, path):
-    """module.load_state_dict, strict, with a one-line CheckpointMismatchError (counts and the first key) instead of
-    torch's multi-line report."""
-    ours = module.state_dict()
-    missing = [k for k in ours if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in ours]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        what = [f"{len(x)} {name} (first: {x[0]})" for name, x in
-                (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if x]
-        raise CheckpointMismatchError(f"{path}: the weights do not fit the model its config describes: "
-                                      f"{'; '.join(what)}; the file is damaged or was edited, use the one training "
-                                      "wrote")
-    module.load_state_dict(state_dict)
 
 
 def build_text_encoder(spec, vocab_json=None, channels=128, layers=2, heads=4):
@@ -156,9 +139,9 @@ def load_run(path, device="cpu", use_ema=True):
     text_enc, caption_tokenizer, _ = build_text_encoder(c["text_encoder"], ckpt.get("caption_tokenizer"),
                                                         c["text_channels"], c["text_layers"], c["text_heads"])
     if isinstance(ckpt.get("text_encoder"), dict):  # trained jointly (tiny); a frozen flan-t5 is read from its folder
-        load_weights(text_enc, ckpt["text_encoder"], path)
+        load_strict(text_enc, ckpt["text_encoder"], path)
     hear = hear_model.HEARTransformer(hear_model.ModelConfig(**ckpt["model_config"]))
-    load_weights(hear, ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"], path)
+    load_strict(hear, ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"], path)
     beside = os.path.dirname(os.path.abspath(path))  # a bare file name is a file next to the checkpoint (shipped)
     vae, face_enc = (load_tokenizer(c[k] if os.path.dirname(c[k]) or c[k].startswith("infinity:") else
                                     os.path.join(beside, c[k]))[0].to(device) for k in ("tokenizer_ckpt",
@@ -301,8 +284,9 @@ def generate(run, prompts, crops, generator, cfg_scale=3.0, tau=1.0, top_k=900, 
              offload_text_encoder=False):
     """prompts (B str), reference crops (B or 1, 3, S, S), or (B or 1, R, 3, S, S) for R references per sample
     (face_conditions, combined as face_combine), in [-1, 1] -> (images (B, 3, H, W) in [-1, 1], per-scale running
-    sums [(B, d, h, w)] for the Fig. 8 strip). One set of crops serves every prompt (encoded once). null_face: zero
-    face tokens (the null condition of CFG training), i.e. the prompt alone. offload_text_encoder: see
+    sums [(B, d, h_K, w_K)], each at the full latent size, for the Fig. 8 strip). One set of crops serves every
+    prompt (encoded once). hf_from_scale: the high-frequency adapter acts from this scale on (id_scale 0 before it).
+    null_face: zero face tokens (the null condition of CFG training), i.e. the prompt alone. offload_text_encoder: see
     encode_prompts."""
     c, model, device = run.config, run.model, crops.device
     text, lens, neg_text, neg_lens = encode_prompts(run, prompts, negative_prompt, device, offload_text_encoder)
@@ -313,7 +297,8 @@ def generate(run, prompts, crops, generator, cfg_scale=3.0, tau=1.0, top_k=900, 
     v_g, v_hf = (None if v is None else v.expand(len(prompts), -1, -1) for v in (v_g, v_hf))
     if null_face:
         v_g, v_hf = (None if v is None else torch.zeros_like(v) for v in (v_g, v_hf))
+    id_scales = [id_scale if k >= hf_from_scale else 0.0 for k in range(len(schedule))]
     out = model.hear.generate(text, lens, schedule, grid, cfg_scale=cfg_scale, tau=tau, top_k=top_k, top_p=top_p,
                               generator=generator, negative_text=neg_text, negative_lens=neg_lens, face_global=v_g,
-                              face_hf=v_hf, id_scale=id_scale, hf_from_scale=hf_from_scale)
+                              face_hf=v_hf, id_scale=id_scales)
     return run.vae.decode(out["latent"]), out["per_scale"]

@@ -50,7 +50,7 @@ class Config:
     per_scale: bool = False  # also write the per-scale strip (Fig. 8)
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
     offload_text_encoder: bool = False  # move the T5 encoder to the CPU once the prompt is encoded (GPU memory)
-    face_detector: str = "none"  # none (the image is the crop) | auto (InsightFace pack if present, else dlib) | dlib
+    face_detector: str = "none"  # none (photo = crop) | auto (InsightFace pack, else dlib) | insightface | dlib
     face_model_pack: str = "buffalo_l"  # InsightFace model pack
     face_model_root: str = "~/.insightface"  # looked up as <root>/models/<pack>
     det_thresh: Optional[float] = None  # detection score threshold (None: the backend's own, InsightFace 0.5, dlib 0)
@@ -85,10 +85,8 @@ def validate(cfg):
 
 
 def reference_crop(cfg, size, crop_scale, device, hf_sides=None):
-    """Read the face photo(s) of --face, detect (or take) the face of each -> square crops (R, 3, size, size) in
-    [-1, 1], one per photo."""
-    if not cfg.face:
-        raise UserError("--face is required: a face photo (or a pre-cropped face with --face_detector=none)")
+    """Read the face photo(s) of --face (validate() has checked it is given), detect (or take) the face of each ->
+    square crops (R, 3, size, size) in [-1, 1], one per photo."""
     detector = fd.make_face_detector(cfg.face_detector, cfg.face_model_pack, cfg.face_model_root, cfg.det_thresh,
                                      device, log=log)
     return reference_crops(face_paths(cfg.face), detector, size, crop_scale, hf_sides)[0].to(device)

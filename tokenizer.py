@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import CheckpointMismatchError, read_state_dict
+from checkpoint import CheckpointMismatchError, load_strict, read_state_dict
 
 # -----------------------------------------------------------------------------
 # Scale schedules (official table of infinity/utils/dynamic_resolution.py)
@@ -161,16 +161,55 @@ def bits_to_sequence(bits_list):
 # Multi-scale residual BSQ (Eq. (9)-(10) [HEAR] App. A; MultiScaleBSQ + BSQ of [Infinity])
 
 
-def bsq_quantize(r):
-    """Eq. (9) [HEAR]: one scale of BSQ. residual r (B, d, h, w) -> codes (B, d, h, w), bits (B, h, w, d) uint8.
-    z = r/||r|| per position; code = sign(z)/sqrt(d) with 0 -> -1; straight-through gradient to z."""
+def _sphere_and_sign(r):
+    """Eq. (9) [HEAR] without the straight-through step: residual r (B, d, h, w) -> z = r/||r|| per position and
+    its code zhat = sign(z)/sqrt(d) with 0 -> -1, both (B, h, w, d). bsq_quantize and bsq_aux_loss share it."""
     d = r.shape[1]
     # parity: contiguous channels-last (B, h, w, d) as the official (b n c d) layout, so the norm sums in its order
     z = F.normalize(r.float().permute(0, 2, 3, 1).contiguous(), dim=-1)
-    zhat = torch.where(z > 0, 1.0, -1.0) * (1.0 / d**0.5)  # on the unit sphere
+    return z, torch.where(z > 0, 1.0, -1.0) * (1.0 / d**0.5)  # zhat on the unit sphere
+
+
+def bsq_quantize(r):
+    """Eq. (9) [HEAR]: one scale of BSQ. residual r (B, d, h, w) -> codes (B, d, h, w), bits (B, h, w, d) uint8.
+    z = r/||r|| per position; code = sign(z)/sqrt(d) with 0 -> -1; straight-through gradient to z."""
+    z, zhat = _sphere_and_sign(r)
     # parity: the forward value is z + (zhat - z), as the official code; it can differ from zhat in the last ulp
     q = z + (zhat - z).detach()
     return q.permute(0, 3, 1, 2), (q > 0).to(torch.uint8)
+
+
+def _residual_scales(f, schedule, flip=None):
+    """The multi-scale residual recursion, written once for multiscale_bsq (Eq. (9)-(10) [HEAR]) and
+    bitwise_self_correction (Eq. (11)-(12)). f (B, d, H, W) fp32, schedule [(h, w)] ending at (H, W). Per scale k:
+        r_k = area-down(f - F_{k-1}) to (h_k, w_k);  bits_k, code_k = BSQ(r_k);  F_k = F_{k-1} + up(code_k)
+    flip=None: F sums BSQ's straight-through codes, so the gradient reaches f. flip(bits) -> bits: F sums the codes
+    re-quantised from the flipped bits (Eq. (12)), so every later r_k holds the flips for its bits to correct.
+    -> dict: per scale "inputs" r_k (B, d, h, w), "bits" (B, h, w, d) uint8 (clean, before any flip), "codes"
+    (B, d, h, w) and, with flip only, "next": scale k+1's input tokens (B, h_{k+1} w_{k+1}, d); "z" F_K and
+    "residual" f - F_K (B, d, H, W)."""
+    H, W = f.shape[-2:]
+    if tuple(schedule[-1]) != (H, W):
+        raise ValueError(f"the schedule must end at the latent size {(H, W)}, got {tuple(schedule[-1])}")
+    out = {"inputs": [], "bits": [], "codes": [], "next": []}
+    # parity: the official MultiScaleBSQ keeps a running residual (R <- R - up(code_k)) and starts its sum at 0;
+    # flip_requant recomputes f - F_k and starts F at a zero tensor. Both are kept: they round (by an ulp) and lay
+    # out memory differently
+    residual, summed = f, 0 if flip is None else torch.zeros_like(f)
+    for k, (h, w) in enumerate(schedule):
+        r = resample(residual, (h, w), "area")  # (B, d, h, w); no-op at full size (the last scale)
+        codes, bits = bsq_quantize(r)
+        out["inputs"].append(r), out["bits"].append(bits), out["codes"].append(codes)
+        if flip is None:
+            up = resample(codes, (H, W), "trilinear")  # (B, d, H, W)
+            residual, summed = residual - up.detach(), summed + up  # R <- R - up(code_k); F_k = F_{k-1} + up(code_k)
+        else:
+            # the next input is the trilinear (not area) down of F_k, as the official code
+            summed, nxt = add_scale(summed, flip(bits), schedule, k)
+            residual = f - summed
+            if nxt is not None:
+                out["next"].append(nxt)
+    return {**out, "z": summed, "residual": residual}
 
 
 def multiscale_bsq(f, schedule):
@@ -179,20 +218,8 @@ def multiscale_bsq(f, schedule):
     "bits" [(B, h, w, d) uint8] (the labels), "codes" [(B, d, h, w)] (+-1/sqrt(d)), "inputs" [(B, d, h, w)] (the
     residual fed to BSQ: area-downsampled, full size at the last scale); "residual" (B, d, H, W) is what is left
     after the last scale (residual + z == f)."""
-    f = f.float()  # the official quantizer runs with autocast off
-    H, W = f.shape[-2:]
-    if tuple(schedule[-1]) != (H, W):
-        raise ValueError(f"the schedule must end at the latent size {(H, W)}, got {tuple(schedule[-1])}")
-    residual, z = f, 0
-    bits_list, codes_list, inputs = [], [], []
-    for h, w in schedule:
-        r = resample(residual, (h, w), "area")  # (B, d, h, w); no-op at full size (the last scale)
-        codes, bits = bsq_quantize(r)
-        up = resample(codes, (H, W), "trilinear")  # (B, d, H, W)
-        residual = residual - up.detach()  # R <- R - up(code_k)
-        z = z + up  # f_hat = sum_k up(code_k)
-        bits_list.append(bits), codes_list.append(codes), inputs.append(r)
-    return {"z": z, "bits": bits_list, "codes": codes_list, "inputs": inputs, "residual": residual}
+    q = _residual_scales(f.float(), schedule)  # fp32: the official quantizer runs with autocast off
+    return {key: q[key] for key in ("z", "bits", "codes", "inputs", "residual")}
 
 
 def bits_to_latent(bits_list, schedule):
@@ -221,8 +248,7 @@ def bsq_aux_loss(inputs, commit_weight=0.25, entropy_weight=0.1):
     terms = {"aux": [], "commitment": [], "per_sample_entropy": [], "codebook_entropy": []}
     for r in inputs:
         d = r.shape[1]
-        z = F.normalize(r.float().permute(0, 2, 3, 1).reshape(-1, d), dim=-1)  # (N, d) on the unit sphere
-        q = torch.where(z > 0, 1.0, -1.0) * (1.0 / d**0.5)  # the code, no gradient
+        z, q = (t.reshape(-1, d) for t in _sphere_and_sign(r))  # (N, d): z on the unit sphere, its code (no gradient)
         commit = F.mse_loss(z, q)
         # soft P(bit = 0): the logit is the squared-distance gap to the codes -+1/sqrt(d), 4 z / sqrt(d), times T^-1.
         # Low per-sample entropy = confident bits; high codebook entropy = every code used.
@@ -253,30 +279,20 @@ def bitwise_self_correction(features, schedule, p_max=0.0, generator=None):
     features (B, d, H, W) raw encoder output -> x_BLC_wo_prefix (B, L - 1, d) fp32, labels (B, L, d) uint8.
     Per scale one p is drawn from {0, 0.01, ..., p_max}, shared by the batch; labels are the clean bits of the
     residual seen on the corrupted path, so later labels learn to correct earlier flips."""
-    f = features.float()
-    B, d, H, W = f.shape
-    if tuple(schedule[-1]) != (H, W):
-        raise ValueError(f"the schedule must end at the latent size {(H, W)}, got {tuple(schedule[-1])}")
     rng_device = generator.device if generator is not None else torch.device("cpu")
-    K = len(schedule)
-    cum = torch.zeros_like(f)  # F_k^flip of Eq. (12), (B, d, H, W)
-    inputs, labels = [], []
-    for k, (h, w) in enumerate(schedule):
-        residual = f - cum
-        if k < K - 1:  # the official code skips the area step by index at the last scale
-            residual = resample(residual, (h, w), "area")  # (B, d, h, w)
-        _, bits = bsq_quantize(residual)  # (B, h, w, d) clean label of this scale
-        labels.append(bits.reshape(B, h * w, d))
+
+    def flip(bits):  # (B, h, w, d) clean bits of one scale -> the bits F_k is re-quantised from
         if p_max > 0:
             # Eq. (11): p ~ U{0, 0.01, ..., p_max}, one draw per scale (official: np.random.randint, here the generator)
             p = torch.randint(0, round(100 * p_max) + 1, (1,), generator=generator, device=rng_device).item() * 0.01
             bits = flip_bits(bits, p, generator)
-        # Eq. (12): re-quantise from the (possibly flipped) bits, F_k = sum_{i<=k} up(R_i^flip); the official code
-        # does this whenever flips are enabled, even at p = 0. The next input is the trilinear (not area) down of F_k
-        cum, nxt = add_scale(cum, bits, schedule, k)
-        if nxt is not None:
-            inputs.append(nxt)  # (B, h_{k+1} w_{k+1}, d)
-    return torch.cat(inputs, dim=1), torch.cat(labels, dim=1)
+        return bits
+
+    # Eq. (12): F_k = sum_{i<=k} up(R_i^flip), re-quantised from the (possibly flipped) bits; the official code does
+    # this whenever flips are enabled, even at p = 0
+    q = _residual_scales(features.float(), schedule, flip)
+    labels = torch.cat([bits.flatten(1, 2) for bits in q["bits"]], dim=1)  # (B, L, d)
+    return torch.cat(q["next"], dim=1), labels
 
 
 # -----------------------------------------------------------------------------
@@ -366,13 +382,13 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(c_in, c_out, num_blocks, resample=None):
+def _level(c_in, c_out, num_blocks, resize=None):
     """One resolution level: `block` (ResnetBlocks) and an optional `downsample` / `upsample`, named as official."""
     level = nn.Module()
     level.block = nn.ModuleList([ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(num_blocks)])
-    if resample == "down":
+    if resize == "down":
         level.downsample = Downsample(c_out)
-    elif resample == "up":
+    elif resize == "up":
         level.upsample = Upsample(c_out)
     return level
 
@@ -508,10 +524,6 @@ def config_from_state_dict(sd):
     )
 
 
-def _short(items, n=6):
-    return f"{len(items)} [{', '.join(items[:n])}{', ...' if len(items) > n else ''}]"
-
-
 def load_infinity_vae(path_or_state_dict, device="cpu"):
     """Build a BSQVAE from an official checkpoint and load it strictly. -> model in eval mode, fp32.
     Accepts a .pth (torch.load(weights_only=True), top-level "vae"), a .safetensors file or a state dict, in the
@@ -521,27 +533,11 @@ def load_infinity_vae(path_or_state_dict, device="cpu"):
     cfg = config_from_state_dict(sd)
     model = BSQVAE(cfg)
     ours = model.state_dict()
-    flat_to_ours = {_flat_name(k): k for k in ours}
-    mapped, unexpected, mismatched = {}, [], []
-    for key, tensor in sd.items():
-        target = key if key in ours else flat_to_ours.get(key)
-        if target is None:
-            if key.endswith(_DROPPED_SUFFIX) and tuple(tensor.shape) == (cfg.codebook_dim,):
-                continue  # 2^(d-1..0), recomputable, not a parameter
-            unexpected.append(key)
-        elif target in mapped:
-            unexpected.append(f"{key} (duplicate of {target})")
-        elif tensor.shape != ours[target].shape:
-            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(ours[target].shape)}")
-            mapped[target] = None
-        else:
-            mapped[target] = tensor
-    missing = [k for k in ours if k not in mapped]
-    if missing or unexpected or mismatched:
-        problems = [f"{what} {_short(items)}" for what, items in
-                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
-        raise CheckpointMismatchError(
-            f"checkpoint does not match BSQVAE({cfg}): {'; '.join(problems)}. Pass an unmodified official "
-            f"infinity_vae_*.pth (top-level 'vae') or a state dict with the official key names")
-    model.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True)
+    wrapped = {_flat_name(k): k for k in ours}  # flat spelling -> ours
+    # the quantizer buffers 2^(d-1..0) are recomputable, not parameters: dropped
+    sd = {k: v for k, v in sd.items() if not (k.endswith(_DROPPED_SUFFIX) and tuple(v.shape) == (cfg.codebook_dim,))}
+    # flat names take our spelling; a tensor given in both spellings keeps its flat name and is reported unexpected
+    sd = {k if k in ours or wrapped.get(k, k) in sd else wrapped[k]: v for k, v in sd.items()}
+    load_strict(model, {k: v.float() for k, v in sd.items()}, "load_infinity_vae", "pass an unmodified official "
+                f"infinity_vae_*.pth (top-level 'vae') or a state dict with the official key names (inferred: {cfg})")
     return model.to(device=device, dtype=torch.float32).eval()

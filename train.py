@@ -31,14 +31,12 @@ from tqdm import tqdm
 import face_encoder as fe
 import model as hear_model
 import tokenizer as tok
-from checkpoint import (Faults, init_after_restart, load_checkpoint, poison, rng_state, save_checkpoint,
-                        set_rng_state)
+from checkpoint import Faults, init_after_restart, load_checkpoint, load_strict, poison, save_checkpoint
 from common import UserError, autocast, cli, log, lr_schedule, run_info, save_config, seeded_generator, setup_device
 from data.manifest import (aspect_buckets, epoch_batches, geometry, identity_pools, load_example, load_face_crop,
                            pick_references, read_manifest)
 from metrics import peak_flops
-from pipeline import (TextToBits, build_hear, build_text_encoder, face_conditions, load_tokenizer, load_weights,
-                      read_vocab)
+from pipeline import TextToBits, build_hear, build_text_encoder, face_conditions, load_tokenizer, read_vocab
 
 
 
@@ -83,7 +81,7 @@ class Config:
     # optimisation (paper: AdamW lr 1e-4, wd 0.01)
     batch_size: int = 16  # global batch in images, over ranks and accumulation steps (16 learns more per image than 32)
     grad_accum: int = 1  # micro-steps per optimizer step
-    max_iters: int = 900  # optimizer steps (synthfaces: ~6 min of steps on the slower 2-core CPU, compiled)
+    max_iters: int = 900  # optimizer steps (synthfaces: what the from-scratch quick start's time bound leaves)
     learning_rate: float = 2e-3  # AdamW peak lr (paper, 2B fine-tune: 1e-4)
     warmup_iters: int = 50  # linear warmup
     cosine_decay: bool = True  # decay the lr to min_lr_ratio x peak (a cosine); False: constant, as in the paper
@@ -99,8 +97,8 @@ class Config:
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # CUDA autocast dtype
-    compile: bool = True  # torch.compile each block (CPU too: inductor; synthfaces 1.2x per step, ~1 min to compile)
-    seed: int = 0  # init, data order, randomness (+ rank)
+    compile: bool = True  # torch.compile each block (CPU too: inductor): faster steps after a one-off compile
+    seed: int = 0  # init, data order and each step's randomness (with the step and the rank)
     log_interval: int = 25  # steps between log lines
     save_interval: int = 500  # steps between checkpoints (and at the end, and on SIGTERM / SIGINT)
     nan_policy: str = "stop"  # a NaN / inf loss: stop (error, last checkpoint kept) | skip (drop the update, count it)
@@ -184,7 +182,7 @@ def build_model(cfg, vae, face_enc, global_enc, resumed, master):
     text_enc, caption_tokenizer, train_text = build_text_encoder(cfg.text_encoder, vocab, text_cfg["text_channels"],
                                                                  text_cfg["text_layers"], text_cfg["text_heads"])
     if base and train_text:
-        load_weights(text_enc, base_ckpt["text_encoder"], base)
+        load_strict(text_enc, base_ckpt["text_encoder"], base)
     if resumed is not None:  # the architecture comes from the checkpoint
         hear = hear_model.HEARTransformer(hear_model.ModelConfig(**resumed["model_config"]))
         hear.load_state_dict(resumed["model"])
@@ -225,10 +223,9 @@ def build_state(cfg, dist):
         opt.load_state_dict(resumed["optimizer"])
         if ema is not None and resumed.get("ema"):
             ema.load_state_dict(resumed["ema"])
-        set_rng_state(resumed["rng"])
     ddp = None if dist.world_size == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[dist.local_rank] if "cuda" in dist.device else None)
-    if cfg.compile:  # regional (model.compile_blocks): ~40% of a whole-model compile's time, 0.95x its step speed
+    if cfg.compile:  # per block (model.compile_blocks): compiles faster than the whole model, steps nearly as fast
         hear.compile_blocks()
     forward = ddp or model
     faults = Faults(cfg.nan_policy, dist, cfg.out_dir)
@@ -294,7 +291,8 @@ def bit_accuracy(logits, labels, schedule):
 
 def train_step(state, cfg, batch, template):
     """One optimizer step on the global batch `batch` (record indices of one bucket) -> (loss, bit accuracy (3,),
-    image tokens seen, text length), or None for a step whose non-finite loss was skipped (nan_policy=skip)."""
+    image tokens seen, (padded text length, global face tokens, high-frequency face tokens): the cross-attention keys
+    of the last micro-batch), or None for a step whose non-finite loss was skipped (nan_policy=skip)."""
     dist, step, micro = state.dist, state.step, cfg.batch_size // (state.dist.world_size * cfg.grad_accum)
     _, schedule, grid = geometry(cfg.pn, cfg.image_size, template, state.vae.cfg.patch_size)
     token_weights = hear_model.scale_loss_weights(schedule, cfg.reweight_by_scale).to(dist.device)  # (L,)
@@ -303,6 +301,10 @@ def train_step(state, cfg, batch, template):
     use_short, drop, ref_u = (torch.rand(cfg.batch_size, generator=g) for _ in range(3))
     use_short, drop = use_short < cfg.short_caption_prob, drop < cfg.cond_drop_prob
     bsc_gen = seeded_generator(cfg.seed, step, dist.rank, device=dist.device)  # Eq. (11) flips, per rank
+    # the global RNG (stochastic depth masks) restarts each step from (seed, step, rank), a stream of its own (the
+    # trailing 1; seeded_generator's hash): ranks draw different masks, and a resumed run, at any world size, draws
+    # what an uninterrupted one would, with no RNG state in the checkpoint
+    torch.manual_seed(hash((cfg.seed, step, dist.rank, 1)) % 2**63)
     for group in state.opt.param_groups:
         group["lr"] = lr_schedule(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio,
                                   cfg.cosine_decay)
@@ -338,8 +340,9 @@ def train_step(state, cfg, batch, template):
         with torch.no_grad():
             for pe, pm in zip(state.ema.parameters(), state.hear.parameters()):
                 pe.lerp_(pm, 1 - cfg.ema_decay)
+    keys = (ids["input_ids"].shape[1], *(0 if v is None else v.shape[1] for v in (v_g, v_hf)))
     with torch.no_grad():  # on the last micro-batch
-        return loss_sum, bit_accuracy(logits, labels, schedule), tokens, ids["input_ids"].shape[1]
+        return loss_sum, bit_accuracy(logits, labels, schedule), tokens, keys
 
 
 def save(state, cfg):
@@ -351,8 +354,7 @@ def save(state, cfg):
                      "text_encoder": state.text_enc.state_dict() if tiny else None,
                      "caption_tokenizer": state.caption_tokenizer.backend_tokenizer.to_str() if tiny else None,
                      "optimizer": state.opt.state_dict(), "model_config": dataclasses.asdict(state.hear.cfg),
-                     "config": dataclasses.asdict(cfg), "step": state.step, "rng": rng_state(),
-                     "skipped_steps": state.faults.skipped},
+                     "config": dataclasses.asdict(cfg), "step": state.step, "skipped_steps": state.faults.skipped},
                     os.path.join(cfg.out_dir, "ckpt.pt"))
 
 
@@ -370,9 +372,7 @@ def main(cfg):
     if dist.master:
         log(save_config(cfg, cfg.out_dir), cfg.out_dir)
         log(run_info(dist.device), cfg.out_dir)
-    state = build_state(cfg, dist)
-    if state.step == 0:  # (a resumed run restored its RNG state instead)
-        torch.manual_seed(cfg.seed + dist.rank)  # stochastic depth draws differ per rank
+    state = build_state(cfg, dist)  # each step reseeds its randomness (train_step)
     log(f"HEAR transformer {state.hear.num_params() / 1e6:.2f}M params ({state.hear.num_params(True) / 1e6:.2f}M "
         f"trainable), text encoder {sum(p.numel() for p in state.text_enc.parameters()) / 1e6:.2f}M "
         f"({'trained' if state.model.train_text else 'frozen'}), {len(state.records)} training images",
@@ -416,7 +416,7 @@ def log_window(state, cfg, window, seconds, template):
     tok_s = sum(w[2] for w in window) * state.dist.world_size / seconds
     _, schedule, _ = geometry(cfg.pn, cfg.image_size, template, state.vae.cfg.patch_size)
     peak = peak_flops(state.dist.device)
-    flops = state.hear.estimate_flops_per_token(schedule, text_len=window[-1][3])
+    flops = state.hear.estimate_flops_per_token(schedule, *window[-1][3])  # text, global and hf face keys
     mfu = f"{100 * flops * tok_s / (peak * state.dist.world_size):.1f}%" if peak else "n/a"
     row = {"step": state.step, "loss": sum(w[0] for w in window) / len(window),
            "acc": (sum(w[1] for w in window) / len(window)).tolist(), "tok_s": tok_s,

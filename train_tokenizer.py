@@ -8,7 +8,7 @@ Train the BSQ-VAE tokenizer, or fine-tune a copy of it into HEAR's high-frequenc
   resume any run:                  python train_tokenizer.py --preset=... --init_from=resume
   (SIGTERM / Ctrl-C, a NaN loss, a lost rank: as in train.py, see checkpoint.Faults)
 
-Both modes share one loss (face_encoder.CompositeLoss): from scratch it is L1 + L2 + VQ (+ LPIPS) on the whole
+Both modes share one loss (face_loss.CompositeLoss): from scratch it is L1 + L2 + VQ (+ LPIPS) on the whole
 image; the face-encoder presets weight the pixel terms by the face mask (--face_mask=True, Eq. 2) and give the
 DINOv2-alignment and identity terms a weight (Eq. 1); every term has its own weight (0 = off). The generation
 tokenizer is never overwritten: the face encoder has its own out_dir.
@@ -21,7 +21,7 @@ import time
 import torch
 from tqdm import tqdm
 
-import face_encoder as fe
+import face_loss as fl
 import tokenizer as tok
 from checkpoint import Faults, init_after_restart, poison, rng_state, save_checkpoint, set_rng_state
 from common import UserError, autocast, cli, log, lr_schedule, run_info, save_config, setup_device
@@ -56,14 +56,14 @@ class Config:
     l2_weight: float = 1.0  # lambda_L2
     vq_weight: float = 1.0  # lambda_VQ (commitment + entropy regularisers of BSQ)
     lpips_weight: float = 0.0  # lambda_lpips (needs torchvision VGG16 weights in the torch cache)
-    clip_weight: float = 0.0  # lambda_clip: DINOv2 patch-feature alignment (needs dino_path)
+    dino_weight: float = 0.0  # the paper's lambda_clip: DINOv2 patch-feature alignment (needs dino_path)
     id_weight: float = 0.0  # lambda_adaface: identity loss (needs id_net)
     commit_weight: float = 0.25  # inside L_VQ: commitment weight
     entropy_weight: float = 0.1  # inside L_VQ: entropy-penalty weight
     # face encoder (Eq. 2)
     face_mask: bool = False  # weight the pixel losses by the face mask of Eq. (2) (alpha inside the box, 1 outside)
     face_alpha: float = 2.0  # alpha of Eq. (2) inside the face box
-    dino_path: str = ""  # local folder of a transformers Dinov2Model (e.g. dinov2-base), for clip_weight
+    dino_path: str = ""  # local folder of a transformers Dinov2Model (e.g. dinov2-base), for dino_weight
     id_net: str = ""  # judge (the synthfaces judge's loss net, <data_dir>/judge.pt) | judge:<judge.pt> | IResNet path
     # runtime
     device: str = "auto"  # auto | cpu | cuda
@@ -85,7 +85,7 @@ PRESETS = {
                         "log_interval": 25},
     "infinity_face": {"out_dir": "out/face_encoder_2b", "init_from": "infinity:weights/infinity_vae_d32reg.pth",
                       "image_size": 256, "batch_size": 64, "max_iters": 20000, "learning_rate": 1e-5,
-                      "face_mask": True, "lpips_weight": 0.5, "clip_weight": 0.1, "id_weight": 0.1,
+                      "face_mask": True, "lpips_weight": 0.5, "dino_weight": 0.1, "id_weight": 0.1,
                       "dino_path": "weights/dinov2-base", "id_net": "weights/adaface_ir101_webface12m.ckpt",
                       "compile": True, "eval_interval": 2000, "log_interval": 100},
     "tiny": {"base_ch": 32, "ch_mult": (1, 1), "patch_size": 2, "image_size": 16, "batch_size": 4, "max_iters": 4,
@@ -112,7 +112,7 @@ def build_id_net(cfg, device):
         if not os.path.isfile(path):
             raise UserError(f"{path} not found; train it with python -m data.synthfaces.judge")
         return JudgeIdentity(load_judge(path, device))
-    return fe.CropEmbedder(fe.load_iresnet(cfg.id_net))
+    return fl.CropEmbedder(fl.load_iresnet(cfg.id_net))
 
 
 class JudgeIdentity(torch.nn.Module):
@@ -129,18 +129,18 @@ class JudgeIdentity(torch.nn.Module):
 def build_loss(cfg, vae, device):
     """Eq. (1) with the networks each active term needs; terms whose network is unavailable stop with an error."""
     weights = {"l1": cfg.l1_weight, "l2": cfg.l2_weight, "vq": cfg.vq_weight, "lpips": cfg.lpips_weight,
-               "clip": cfg.clip_weight, "id": cfg.id_weight}
-    lpips_net = fe.make_lpips() if cfg.lpips_weight > 0 else None
+               "dino": cfg.dino_weight, "id": cfg.id_weight}
+    lpips_net = fl.make_lpips() if cfg.lpips_weight > 0 else None
     dino = None
-    if cfg.clip_weight > 0:
+    if cfg.dino_weight > 0:
         from transformers import Dinov2Model
 
         if not os.path.isdir(cfg.dino_path):
-            raise UserError(f"--dino_path={cfg.dino_path!r} is not a local Dinov2Model folder (or set --clip_weight=0)")
-        dino = fe.DinoAlign(Dinov2Model.from_pretrained(cfg.dino_path, local_files_only=True), vae.cfg.codebook_dim)
+            raise UserError(f"--dino_path={cfg.dino_path!r} is not a local Dinov2Model folder (or set --dino_weight=0)")
+        dino = fl.DinoAlign(Dinov2Model.from_pretrained(cfg.dino_path, local_files_only=True), vae.cfg.codebook_dim)
     id_net = build_id_net(cfg, device) if cfg.id_weight > 0 else None
     alpha = cfg.face_alpha if cfg.face_mask else 1.0  # Eq. (2)
-    return fe.CompositeLoss(weights, lpips_net, dino, id_net, alpha=alpha).to(device)
+    return fl.CompositeLoss(weights, lpips_net, dino, id_net, alpha=alpha).to(device)
 
 
 def build(cfg, dist):

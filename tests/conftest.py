@@ -1,5 +1,6 @@
 """Shared test setup: CPU only, offline, 2 threads (1 with OMP_NUM_THREADS=1), fixed seeds; numeric tolerances."""
 
+import contextlib
 import math
 import os
 
@@ -98,6 +99,28 @@ def max_diff(name, ours, ref, bar):
     diff = (ours.double() - ref.double()).abs().max().item()
     PARITY[name] = (bar, max(diff, PARITY.get(name, (0, 0.0))[1]), torch.get_num_threads())
     return diff
+
+
+@contextlib.contextmanager
+def watch_sampler(codebook_dim, teacher_bits=()):
+    """HEARTransformer.generate seen at its one draw per scale: inside the block, model.sample_bits is wrapped. Yields
+    a list that collects each scale's sampler input, the logits after CFG and 1/tau, as (B, l, 2d) (torch.cat along
+    dim 1: (B, L, 2d)). teacher_bits [(B, h, w, d) per scale] replace the draws of the first scales; the sampler still
+    draws, so the generator's stream is that of an unwatched run."""
+    import model
+
+    real, seen = model.sample_bits, []
+
+    def sample_bits(logits, *args):  # logits (B, l d, 2) -> bits (B, l d)
+        bits, k = real(logits, *args), len(seen)
+        seen.append(logits.reshape(len(logits), -1, 2 * codebook_dim))  # (B, l, 2d)
+        return teacher_bits[k].reshape(bits.shape).to(bits) if k < len(teacher_bits) else bits
+
+    model.sample_bits = sample_bits
+    try:
+        yield seen
+    finally:
+        model.sample_bits = real
 
 
 @pytest.fixture(scope="session", autouse=True)

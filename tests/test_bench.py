@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import model as hear_model
 import tokenizer as tok
 from common import parse_config
 
@@ -57,6 +58,21 @@ def test_tokenizer_flops_are_the_convolutions_formula():
             m.register_forward_hook(count)
     vae(torch.rand(2, 3, 16, 16) * 2 - 1)
     assert reported == sum(expected) and len(expected) > 10
+
+
+def test_flops_per_token_is_6n_plus_12_depth_c_keys():
+    """model.estimate_flops_per_token, the one count behind bench's and train.py's MFU, by hand for 2 scales. N per
+    block: 6 C^2 (SA qkv and proj, CA q and proj; the CA K/V projections run on text and face tokens, not counted)
+    + 2 C h + h (FFN) + 14 C (6 biases, ca_norm, AdaLN offsets) + H (query scale); + word_embed and head."""
+    C, H, h, d, depth = 64, 4, 256, 8, 2  # h: the FFN width, round(4 C / 256) * 256
+    net = hear_model.HEARTransformer(hear_model.ModelConfig(
+        depth=depth, embed_dim=C, num_heads=H, codebook_dim=d, text_channels=128, text_maxlen=8, use_global_face=True,
+        global_face_dim=d, use_hf_adapter=True, hf_face_dim=d))
+    N = depth * (6 * C**2 + 2 * C * h + h + 14 * C + H) + (d * C + C) + (2 * d * C + 2 * d)
+    seen = (1 * 1 + 4 * (1 + 4)) / 5  # scales 1x1 and 2x2: the first token sees itself, each of the next 4 sees 5
+    keys = seen + 7 + 3 + 10  # + 7 caption tokens, 3 global face tokens (joined to the text), 10 high-frequency ones
+    flops = net.estimate_flops_per_token([(1, 1), (2, 2)], text_len=7, num_global_tokens=3, num_hf_tokens=10)
+    assert flops == pytest.approx(6 * N + 12 * depth * C * keys, rel=1e-12)
 
 
 def test_peak_memory_sees_an_allocation():

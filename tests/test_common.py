@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common import UserError, parse_config, save_config
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import CheckpointMismatchError, load_checkpoint, load_strict, save_checkpoint
 
 
 @dataclasses.dataclass
@@ -63,6 +63,30 @@ def test_checkpoint_atomic_roundtrip_and_bad_file(tmp_path):
         load_checkpoint(str(tmp_path / "junk.pt"))
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_load_strict_one_line_report_then_exact_load():
+    """A real mismatch (missing, unexpected and wrong-shape keys) is one line with the counts and the first names, and
+    loads nothing; a matching state dict loads and equals its source; `optional` names may be absent."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    source = {k: torch.randn_like(v) for k, v in module.state_dict().items()}
+    bad = {k: v for k, v in source.items() if not k.startswith("1.")}  # 2 missing
+    bad["0.weight"] = torch.zeros(3, 5)  # 1 of the wrong shape
+    bad.update({f"extra.{i}": torch.zeros(1) for i in range(6)})  # 6 unexpected: 4 named, then a count
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_strict(module, bad, "bad.pt", remedy="use the file training wrote")
+    assert isinstance(err.value, UserError) and str(err.value) == (
+        "bad.pt: the weights do not fit the Sequential (2 missing: 1.weight, 1.bias; 6 unexpected: extra.0, extra.1, "
+        "extra.2, extra.3, ... (+2); 1 shape mismatch (checkpoint vs model): 0.weight [3, 5] vs [3, 4]); use the file "
+        "training wrote")
+    assert not any(torch.equal(v, source[k]) for k, v in module.state_dict().items())  # nothing was loaded
+    load_strict(module, source, "good.pt")
+    assert all(torch.equal(v, source[k]) for k, v in module.state_dict().items())
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    kept = fresh[2].bias.clone()
+    load_strict(fresh, {k: v for k, v in source.items() if k != "2.bias"}, "base.pt", optional=["2.bias"])
+    assert torch.equal(fresh[2].bias, kept) and torch.equal(fresh[2].weight, source["2.weight"])
 
 
 def test_help_lists_every_key_with_default_and_comment():

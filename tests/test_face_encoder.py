@@ -1,6 +1,6 @@
-"""face_encoder.py: Eq. (2) mask, Eq. (1) loss terms with real (tiny, random) backbones, IResNet loading (AdaFace and
-arcface_torch layouts, built here from their published architectures),
-InsightFace error path and ONNX model-zoo loading, Eq. (5) token split."""
+"""face_encoder.py and face_loss.py: Eq. (2) mask, Eq. (1) loss terms with real (tiny, random) backbones, IResNet
+loading (AdaFace and arcface_torch layouts, built here from their published architectures), InsightFace error path
+and ONNX model-zoo loading, Eq. (5) token split."""
 
 import numpy as np
 import pytest
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import face_detect as fd
 import face_encoder as fe
+import face_loss as fl
 import tokenizer as tok
 
 
@@ -24,7 +25,7 @@ def test_face_mask_eq2():
 
 def tiny_iresnet():
     torch.manual_seed(1)
-    net = fe.IResNet(layers=(1, 1, 1, 1), width=8, emb_dim=16, input_size=32)
+    net = fl.IResNet(layers=(1, 1, 1, 1), width=8, emb_dim=16, input_size=32)
     return net.eval()
 
 
@@ -33,9 +34,9 @@ def test_composite_loss_terms_backprop_and_identity_zero():
 
     dino = Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                     patch_size=8, image_size=32))
-    weights = {"l1": 0.2, "l2": 1.0, "vq": 1.0, "lpips": 0.5, "clip": 0.1, "id": 0.1}
-    loss = fe.CompositeLoss(weights, lpips_net=fe.make_lpips(pretrained=False), id_net=fe.CropEmbedder(tiny_iresnet()),
-                            dino_align=fe.DinoAlign(dino, latent_dim=4, image_size=32))
+    weights = {"l1": 0.2, "l2": 1.0, "vq": 1.0, "lpips": 0.5, "dino": 0.1, "id": 0.1}
+    loss = fl.CompositeLoss(weights, lpips_net=fl.make_lpips(pretrained=False), id_net=fl.CropEmbedder(tiny_iresnet()),
+                            dino_align=fl.DinoAlign(dino, latent_dim=4, image_size=32))
     assert loss.active() == list(weights)
     target = torch.rand(2, 3, 32, 32) * 2 - 1
     recon = (target + 0.3 * torch.randn_like(target)).clamp(-1, 1).requires_grad_(True)
@@ -45,14 +46,14 @@ def test_composite_loss_terms_backprop_and_identity_zero():
     assert set(terms) == set(weights) and all(torch.isfinite(v) for v in terms.values())
     assert torch.allclose(total, sum(weights[k] * v for k, v in terms.items()))
     total.backward()
-    assert recon.grad.abs().sum() > 0 and features.grad.abs().sum() > 0  # features get grad through the clip term
+    assert recon.grad.abs().sum() > 0 and features.grad.abs().sum() > 0  # features get grad through the dino term
     assert loss.dino_align.proj.weight.grad is not None
     _, same = loss(target, target, boxes, torch.tensor(0.0), features.detach())
     assert same["id"].abs() < 1e-6 and same["l1"] == 0 and same["l2"] == 0
 
 
 def test_masked_pixel_loss_weights_face_alpha_times():
-    loss = fe.CompositeLoss({"l1": 1.0}, alpha=3.0)
+    loss = fl.CompositeLoss({"l1": 1.0}, alpha=3.0)
     target = torch.zeros(1, 3, 8, 8)
     inside, outside = target.clone(), target.clone()
     inside[..., 3, 3] = 1.0  # one pixel error inside the box
@@ -65,7 +66,7 @@ def test_masked_pixel_loss_weights_face_alpha_times():
 
 
 def test_off_terms_and_missing_networks_are_inactive():
-    loss = fe.CompositeLoss({"l1": 0.2, "l2": 1.0, "vq": 1.0, "lpips": 0.5, "clip": 0.1, "id": 0.0})
+    loss = fl.CompositeLoss({"l1": 0.2, "l2": 1.0, "vq": 1.0, "lpips": 0.5, "dino": 0.1, "id": 0.0})
     assert loss.active() == ["l1", "l2", "vq"]  # no LPIPS/DINO network given, id weight 0
 
 
@@ -154,7 +155,7 @@ def test_adaface_checkpoint_loads_with_its_own_layout(tmp_path):
     ckpt = {f"model.{k}": v for k, v in ref.state_dict().items()}
     ckpt["head.kernel"] = torch.randn(32, 100)  # the AdaFace margin head's class centres (training only)
     torch.save({"state_dict": ckpt}, tmp_path / "adaface_ir18.ckpt")
-    net = fe.load_iresnet(str(tmp_path / "adaface_ir18.ckpt"))
+    net = fl.load_iresnet(str(tmp_path / "adaface_ir18.ckpt"))
     assert net.layout == "adaface" and net.features.weight is None and net.input_size == 112
     u8 = torch.randint(0, 256, (2, 3, 112, 112)).float()  # an RGB image batch
     want, norm = ref((u8.flip(1) / 255 - 0.5) / 0.5)  # AdaFace's own input: BGR
@@ -163,14 +164,14 @@ def test_adaface_checkpoint_loads_with_its_own_layout(tmp_path):
     ckpt["model.body.0.shortcut_layer.0.weight"] = torch.zeros(8, 8, 1, 1)  # an ArcFace-style shortcut: refused
     torch.save({"state_dict": ckpt}, tmp_path / "bad.ckpt")
     with pytest.raises(fe.FaceError, match="unexpected.*layer1.0.downsample"):
-        fe.load_iresnet(str(tmp_path / "bad.ckpt"))
+        fl.load_iresnet(str(tmp_path / "bad.ckpt"))
 
 
 def test_arcface_backbone_loads_strictly(tmp_path):
     ref = randomized(ArcFaceNet())
     assert ref.layer1[0].downsample is not None  # 8 -> 8, stride 2: a conv shortcut in this layout
     torch.save(ref.state_dict(), tmp_path / "backbone.pth")
-    net = fe.load_iresnet(str(tmp_path / "backbone.pth"))
+    net = fl.load_iresnet(str(tmp_path / "backbone.pth"))
     x = torch.rand(2, 3, 112, 112) * 2 - 1  # RGB, (x / 255 - 0.5) / 0.5
     assert net.layout == "arcface" and torch.allclose(net(x), F.normalize(ref(x), dim=-1), atol=1e-5)
     sd = ref.state_dict()
@@ -179,7 +180,7 @@ def test_arcface_backbone_loads_strictly(tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
     for bad in ["short.pth", "bad.pth"]:
         with pytest.raises(fe.FaceError) as e:
-            fe.load_iresnet(str(tmp_path / bad))
+            fl.load_iresnet(str(tmp_path / bad))
         assert "\n" not in str(e.value)
 
 
@@ -199,7 +200,7 @@ def test_detector_error_names_pack_and_folder(tmp_path):
 def test_onnx_recognizer_loads_through_insightface_model_zoo(tmp_path):
     from insightface.model_zoo import get_model
 
-    net = fe.IResNet(layers=(1, 1, 1, 1), width=8, emb_dim=16, input_size=112).eval()
+    net = fl.IResNet(layers=(1, 1, 1, 1), width=8, emb_dim=16, input_size=112).eval()
     path = str(tmp_path / "w600k_tiny.onnx")
     torch.onnx.export(net, torch.zeros(1, 3, 112, 112), path, input_names=["input"], output_names=["embedding"],
                       dynamo=False)

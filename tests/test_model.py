@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import layer_stats, max_diff, parity_bar
+from conftest import layer_stats, max_diff, parity_bar, watch_sampler
 from model import CheckpointMismatchError, HEARTransformer, ModelConfig, bitwise_loss, load_infinity, scale_loss_weights
 from tokenizer import add_scale, get_schedule, rope_grid, token_offsets
 
@@ -51,7 +51,7 @@ def bar(model, reference, gain=1.0):
 
 
 def teacher_inputs(bits, schedule):
-    """Per-scale bits -> x_BLC_wo_prefix (B, L-1, d) through the pipeline's own next-scale recursion."""
+    """Per-scale bits -> the forward's scale_inputs (B, L-1, d) through the pipeline's own next-scale recursion."""
     summed, xs = 0, []
     for k, b in enumerate(bits[:-1]):
         summed, nxt = add_scale(summed, b, schedule, k)
@@ -62,13 +62,14 @@ def teacher_inputs(bits, schedule):
 def test_kv_cache_generation_equals_full_masked_forward():
     model = make_model()
     text, lens, fg, fhf, _ = make_inputs()
-    probe = {}
-    out = model.generate(text, lens, SCHEDULE, GRID, cfg_scale=1.0, face_global=fg, face_hf=fhf, id_scale=0.7,
-                         probe=probe, generator=torch.Generator().manual_seed(0))
+    with watch_sampler(TINY["codebook_dim"]) as seen:
+        out = model.generate(text, lens, SCHEDULE, GRID, cfg_scale=1.0, face_global=fg, face_hf=fhf, id_scale=0.7,
+                             generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(text, lens, teacher_inputs(out["bits"], SCHEDULE), SCHEDULE, GRID, fg, fhf, id_scale=0.7)
     assert full.shape == (2, L, 2 * TINY["codebook_dim"])
-    assert max_diff("model: KV-cached logits", probe["logits"], full, bar(model, full)) <= bar(model, full)
+    cached = torch.cat(seen, dim=1)  # (B, L, 2d)
+    assert max_diff("model: KV-cached logits", cached, full, bar(model, full)) <= bar(model, full)
 
 
 def test_cfg_combines_cond_and_null_condition_logits():
@@ -78,14 +79,15 @@ def test_cfg_combines_cond_and_null_condition_logits():
     model = make_model()
     text, lens, fg, fhf, bits = make_inputs()
     cfg, tau = 3.0, 0.5
-    probe = {"teacher_bits": bits}
-    out = model.generate(text, lens, SCHEDULE, GRID, cfg_scale=cfg, tau=tau, face_global=fg, face_hf=fhf, probe=probe)
+    with watch_sampler(TINY["codebook_dim"], bits) as seen:
+        out = model.generate(text, lens, SCHEDULE, GRID, cfg_scale=cfg, tau=tau, face_global=fg, face_hf=fhf)
     x = teacher_inputs(bits, SCHEDULE)
     with torch.no_grad():
         cond = model(text, lens, x, SCHEDULE, GRID, fg, fhf)
         uncond = model(text, lens, x, SCHEDULE, GRID, fg, fhf, drop_cond=torch.ones(2, dtype=torch.bool))
     want, gain = cfg * cond / tau + (1 - cfg) * uncond / tau, abs(cfg) + abs(1 - cfg)
-    assert max_diff("model: CFG logits", probe["logits"], want, bar(model, want, gain)) <= bar(model, want, gain)
+    got = torch.cat(seen, dim=1)  # (B, L, 2d)
+    assert max_diff("model: CFG logits", got, want, bar(model, want, gain)) <= bar(model, want, gain)
     assert [torch.equal(a, b) for a, b in zip(out["bits"], bits)] == [True] * len(bits)
 
 
@@ -108,10 +110,30 @@ def test_id_scale_zero_is_exactly_the_model_without_adapter():
         ref = plain(text, lens, x, SCHEDULE, GRID, fg)
         assert torch.equal(hear(text, lens, x, SCHEDULE, GRID, fg, fhf, id_scale=0.0), ref)
         assert not torch.allclose(hear(text, lens, x, SCHEDULE, GRID, fg, fhf, id_scale=1.0), ref)
-    probes = [{"teacher_bits": bits}, {"teacher_bits": bits}]
-    hear.generate(text, lens, SCHEDULE, GRID, face_global=fg, cfg_scale=2.0, face_hf=fhf, id_scale=0.0, probe=probes[0])
-    plain.generate(text, lens, SCHEDULE, GRID, face_global=fg, cfg_scale=2.0, probe=probes[1])
-    assert torch.equal(probes[0]["logits"], probes[1]["logits"])
+    with watch_sampler(TINY["codebook_dim"], bits) as seen_hear:
+        hear.generate(text, lens, SCHEDULE, GRID, face_global=fg, cfg_scale=2.0, face_hf=fhf, id_scale=0.0)
+    with watch_sampler(TINY["codebook_dim"], bits) as seen_plain:
+        plain.generate(text, lens, SCHEDULE, GRID, face_global=fg, cfg_scale=2.0)
+    assert torch.equal(torch.cat(seen_hear, dim=1), torch.cat(seen_plain, dim=1))
+
+
+def test_per_scale_id_scale_turns_the_adapter_on_from_a_scale():
+    """id_scale [0, 0, 1, 1] (pipeline's hf_from_scale=2): scales 1-2 sample from exactly the logits of id_scale 0."""
+    model = make_model()
+    text, lens, fg, fhf, bits = make_inputs()
+    runs = []
+    for id_scale in (0.0, [0.0, 0.0, 1.0, 1.0]):
+        with watch_sampler(TINY["codebook_dim"], bits) as seen:
+            model.generate(text, lens, SCHEDULE, GRID, cfg_scale=2.0, face_global=fg, face_hf=fhf, id_scale=id_scale)
+        runs.append(seen)
+    assert [torch.equal(a, b) for a, b in zip(*runs)] == [True, True, False, False]
+    with pytest.raises(ValueError, match="id_scale needs one value per scale"):
+        model.generate(text, lens, SCHEDULE, GRID, face_hf=fhf, id_scale=[1.0, 1.0])
+
+
+def test_attn_backend_typo_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"^attn_backend='flash': choose auto, flex or sdpa$"):
+        ModelConfig(**TINY, attn_backend="flash")
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

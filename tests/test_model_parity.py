@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import layer_stats, max_diff, parity_bar, quantizer_bar
+from conftest import layer_stats, max_diff, parity_bar, quantizer_bar, watch_sampler
 from model import load_infinity, rope_2d_positions
 from tokenizer import get_schedule, rope_grid, token_offsets
 
@@ -111,11 +111,11 @@ def test_kv_cached_given_bits(tiny, run, key):
     """Teacher leak of the fixture's bits through the KV-cached sampler (cfg 1, and cfg 3 / tau 0.5 on logits)."""
     model, _, meta, fx, text, lens, schedule, grid = tiny
     r, common = meta["runs"][run], meta["inference_common"]
-    probe = {"teacher_bits": _per_scale_bits(fx["gt_bits"], schedule)}
-    out = model.generate(text, lens, schedule, grid, cfg_scale=r["cfg"], tau=r["tau"], top_k=common["top_k"],
-                         top_p=common["top_p"], probe=probe)
+    with watch_sampler(meta["codebook_dim_d"], _per_scale_bits(fx["gt_bits"], schedule)) as seen:
+        out = model.generate(text, lens, schedule, grid, cfg_scale=r["cfg"], tau=r["tau"], top_k=common["top_k"],
+                             top_p=common["top_p"])
     gain = abs(r["cfg"]) + abs(1 - r["cfg"])  # CFG: the errors of the two logits it combines, amplified
-    assert _within_bar(model, schedule, {key: (probe["logits"], fx[key])}, gain)
+    assert _within_bar(model, schedule, {key: (torch.cat(seen, dim=1), fx[key])}, gain)
     latent = fx["infer_givenbits.summed_codes"]  # a sum of trilinear-upsampled codes of the given bits
     bar = quantizer_bar(latent, schedule)
     assert max_diff(f"{run}.summed_codes", out["latent"], latent, bar) <= bar
@@ -126,15 +126,15 @@ def test_sampled_run_reproduces_official_bits(tiny):
     model, _, meta, fx, text, lens, schedule, grid = tiny
     r, common = meta["runs"]["sampled"], meta["inference_common"]
     gen = torch.Generator(device="cpu").manual_seed(r["g_seed"])
-    probe = {}
-    out = model.generate(text, lens, schedule, grid, cfg_scale=r["cfg"], tau=r["tau"], top_k=common["top_k"],
-                         top_p=common["top_p"], generator=gen, probe=probe)
+    with watch_sampler(meta["codebook_dim_d"]) as seen:
+        out = model.generate(text, lens, schedule, grid, cfg_scale=r["cfg"], tau=r["tau"], top_k=common["top_k"],
+                             top_p=common["top_p"], generator=gen)
     bits = torch.cat([b.flatten(1, 2) for b in out["bits"]], dim=1)  # (B, L, d)
     mismatched = (bits != fx["infer_sampled.bits"].long()).sum().item()
     assert mismatched == 0, f"{mismatched} of {bits.numel()} sampled bits differ"
     max_diff("infer_sampled.bits", bits, fx["infer_sampled.bits"].long(), 0)
     gain = abs(r["cfg"]) + abs(1 - r["cfg"])
-    assert _within_bar(model, schedule, {"infer_sampled.sampler_logits": (probe["logits"],
+    assert _within_bar(model, schedule, {"infer_sampled.sampler_logits": (torch.cat(seen, dim=1),
                                                                           fx["infer_sampled.sampler_logits"])}, gain)
     bar = quantizer_bar(fx["infer_sampled.summed_codes"], schedule)
     assert max_diff("infer_sampled.summed_codes", out["latent"], fx["infer_sampled.summed_codes"], bar) <= bar

@@ -16,6 +16,8 @@ from checkpoint import load_checkpoint
 from common import setup_device
 from conftest import max_diff, parity_bar
 from data.manifest import epoch_batches, load_image, pick_references, read_manifest
+from face_encoder import face_schedule, hf_split
+from tokenizer import token_offsets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,10 +48,11 @@ def test_tiny_run_logs_and_checkpoint(tiny_run, tmp_path):
 
 
 def test_resume_equals_uninterrupted(tiny_run, tmp_path):
+    """With stochastic depth, so that the losses also depend on the global RNG stream (reseeded each step)."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    full = run(args(tiny_run, a, "--max_iters=4"))
-    run(args(tiny_run, b, "--max_iters=2"))
-    resumed = run(args(tiny_run, b, "--max_iters=4", "--init_from=resume"))
+    full = run(args(tiny_run, a, "--max_iters=4", "--drop_path_rate=0.5"))
+    run(args(tiny_run, b, "--max_iters=2", "--drop_path_rate=0.5"))
+    resumed = run(args(tiny_run, b, "--max_iters=4", "--drop_path_rate=0.5", "--init_from=resume"))
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full[2:]]  # same next losses, exactly
     wa, wb = load_checkpoint(f"{a}/ckpt.pt")["model"], load_checkpoint(f"{b}/ckpt.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -85,6 +88,29 @@ def test_ddp_two_processes_equals_one(tiny_run, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_gradient("DDP", f"{one}/ckpt.pt", f"{two}/ckpt.pt")
+
+
+def test_ddp_ranks_keep_their_own_random_streams_across_a_resume(tiny_run, tmp_path):
+    """2 gloo processes with stochastic depth; rank 1 is SIGKILLed as step 3 ends (after the step-2 checkpoint) and
+    torchrun --max-restarts=1 resumes both from it. Each drop-path draw records a digest of the RNG state it draws from
+    (tests/drop_path_probe.py): the two ranks' streams differ at every step, before the resume and after it, and each
+    rank's resumed step 3 draws from the stream its interrupted step 3 drew from."""
+    out, probe = str(tmp_path / "r"), tmp_path / "probe"
+    probe.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           os.path.join(ROOT, "tests", "drop_path_probe.py"),
+           *args(tiny_run, out, "--max_iters=4", "--drop_path_rate=0.5", "--dist_timeout_s=60")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HEAR_TEST_KILL": "1:3", "HEAR_PROBE": str(probe), "PYTHONPATH": ROOT}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 2" in open(f"{out}/log.txt").read()
+    draws = {}  # (attempt, rank, step) -> digests of that step's draws (2 per step: block 1's SA and FFN branches)
+    for rank in (0, 1):
+        for attempt, r, step, digest in map(json.loads, open(probe / f"rank{rank}.jsonl")):
+            draws.setdefault((attempt, r, step), []).append(digest)
+    assert sorted({(a, s) for a, _, s in draws}) == [(0, 1), (0, 2), (0, 3), (1, 3), (1, 4)]
+    assert all(draws[a, 0, s] != draws[a, 1, s] for a, _, s in draws)  # each rank its own stream, resumed or not
+    assert all(draws[1, r, 3] == draws[0, r, 3] for r in (0, 1))  # resumed step 3 = interrupted step 3, per rank
 
 
 def test_manifest_errors_are_one_line(tmp_path):
@@ -129,8 +155,12 @@ def test_step_without_cache_encodes_each_image_once_in_fp32(tiny_run, tmp_path):
     batch = epoch_batches(len(run.records), cfg.batch_size, 0, cfg.seed)[0]
     refs = pick_references(run.records, run.pools, batch, seeded_generator_u(cfg, 0), cfg.self_ref_prob)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # even under an enclosing autocast the encoders run in fp32
-        train.train_step(run, cfg, batch, 1.0)
+        out = train.train_step(run, cfg, batch, 1.0)
     assert sum(n for n, _, _ in seen["vae"]) == len(batch)
+    # the cross-attention keys MFU counts (model.estimate_flops_per_token): caption, global and high-frequency face
+    face = face_schedule(cfg.face_size, run.face_enc.cfg.patch_size, cfg.hf_first_scale)
+    n_global = hf_split(face, cfg.hf_first_scale)
+    assert out[3][0] > 0 and out[3][1:] == (n_global, token_offsets(face)[-1] - n_global)
     assert sum(n for n, _, _ in seen["face"]) == len(set(refs))
     assert all(dtype == torch.float32 and not autocast for _, dtype, autocast in seen["vae"] + seen["face"])
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import face_encoder as fe
+import face_loss as fl
 import train_tokenizer as tt
 from common import UserError, parse_config
 from checkpoint import load_checkpoint
@@ -48,7 +48,7 @@ def test_loss_goes_down_on_tiny_data(tiny_manifest, tmp_path):
 
 
 def test_face_mode_uses_mask_and_identity_network(tiny_manifest, tmp_path):
-    torch.save(fe.IResNet(layers=(1, 1, 1, 1), width=8, emb_dim=16, input_size=16).state_dict(), tmp_path / "id.pth")
+    torch.save(fl.IResNet(layers=(1, 1, 1, 1), width=8, emb_dim=16, input_size=16).state_dict(), tmp_path / "id.pth")
     base = str(tmp_path / "base")
     run(["--preset=tiny", f"--data_dir={tiny_manifest}", f"--out_dir={base}", "--device=cpu"])
     face = str(tmp_path / "face")
@@ -65,7 +65,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_manifest):
         run(["--preset=tiny", f"--data_dir={tmp_path}/nowhere", f"--out_dir={tmp_path}/x", "--device=cpu"])
     with pytest.raises(UserError, match="dino_path"):
         run(["--preset=tiny", f"--data_dir={tiny_manifest}", f"--out_dir={tmp_path}/y", "--device=cpu",
-             "--clip_weight=0.1"])
+             "--dino_weight=0.1"])
 
 
 def test_ddp_two_processes_equals_one(tiny_manifest, tmp_path):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import bench
 from common import parse_config
+from conftest import watch_sampler
 from metrics import peak_flops
 from model import BlockMask, HEARTransformer, ModelConfig, bitwise_loss, load_infinity
 from tokenizer import add_scale, get_schedule, rope_grid
@@ -134,10 +135,10 @@ def test_compiled_sampling_blocks_equal_eager():
     for compile_blocks in (False, True):
         if compile_blocks:
             model.compile_blocks(dynamic=True)
-        probe = {"teacher_bits": bits}
-        model.generate(text, lens, SCHEDULE, GRID, cfg_scale=3.0, face_global=fg, face_hf=fhf, probe=probe,
-                       generator=torch.Generator(device="cuda").manual_seed(0))
-        logits.append(probe["logits"])
+        with watch_sampler(model.cfg.codebook_dim, bits) as seen:
+            model.generate(text, lens, SCHEDULE, GRID, cfg_scale=3.0, face_global=fg, face_hf=fhf,
+                           generator=torch.Generator(device="cuda").manual_seed(0))
+        logits.append(torch.cat(seen, dim=1))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
 
 
