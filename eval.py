@@ -29,7 +29,7 @@ import torch
 from common import UserError, cli, log, run_info, setup_device
 from data.curation import write_atomic
 from data.manifest import geometry, load_image, read_manifest
-from metrics import evaluate_tokenizer, judge_scores, line_plot, per_scale_face_sim, summarize
+from metrics import evaluate_tokenizer, judge_scores, line_plot, per_scale_scores, summarize
 from pipeline import (check_output, check_prompt, face_paths, generate, hf_scale_sides, load_run, load_tokenizer,
                       reference_crops)
 
@@ -151,6 +151,15 @@ def plot_curves(metrics_path, png_path, width=640, height=300):
 # Generation on held-out identities (Table 1 / 3 style)
 
 
+def held_out_traits(cfg, judge, ids):
+    """The true traits of each held-out identity [N dicts] (traits.json of synthfaces), or None when the data has no
+    traits.json or the judge no trait readers (the trait columns are then left out)."""
+    from data.synthfaces.judge import read_traits
+
+    traits = read_traits(cfg.data_dir)
+    return None if traits is None or judge.traits is None else [traits[i] for i in ids]
+
+
 def held_out_identities(cfg, face_size, device):
     """-> (identity ids, {id: records}, reference crops (N, 3, S, S)): every test identity with a reference image
     (its image 0) and at least one other image whose caption is a prompt."""
@@ -194,7 +203,7 @@ def eval_generation(cfg, device):
     judge, run = load_judge_or_fail(cfg, device), load_run(cfg.ckpt, device)
     size = run.config["image_size"]
     ids, by_id, refs = held_out_identities(cfg, run.config["face_size"], device)
-    ref_embs = judge.embed(refs, "eval")  # (N, E): one reference crop per identity
+    ref_embs, traits = judge.embed(refs, "eval"), held_out_traits(cfg, judge, ids)  # (N, E): one crop per identity
     rows, gen, seconds, n_img = {}, torch.Generator(device=device).manual_seed(cfg.seed), 0.0, 0
     paths = run.model.hear.cfg.use_global_face or run.model.hear.cfg.use_hf_adapter  # a base model has none
     first = "HEAR (face + prompt)" if paths else "base model (prompt only)"
@@ -214,15 +223,19 @@ def eval_generation(cfg, device):
                         ("real image, same identity (upper bound)", real),
                         ("real image through the tokenizer (its ceiling)", through_tokenizer(run.vae, real)),
                         ("real image, other identity (chance)", other.to(device))):
-            for k, v in judge_scores(judge, x, ref_embs, own, attrs).items():
+            true = None if traits is None else [traits[n]] * len(recs)  # the reference person's traits
+            for k, v in judge_scores(judge, x, ref_embs, own, attrs, true).items():
                 rows.setdefault(name, {}).setdefault(k, []).append(v.cpu())
-    table = ["| images | FaceSim | identity top-1 | prompt adherence |", "|---|---|---|---|"]
+    columns = [("face_sim", "FaceSim"), ("top1", "identity top-1"), ("prompt_acc", "prompt adherence")]
+    columns += [("coarse_trait", "coarse traits"), ("fine_trait", "fine traits")] if traits else []
+    table = ["| images | " + " | ".join(c for _, c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     means = {name: summarize(m) for name, m in rows.items()}
     for name, m in means.items():
-        table.append(f"| {name} | {m['face_sim']:.4f} | {m['top1']:.4f} | {m['prompt_acc']:.4f} |")
+        table.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k, _ in columns) + " |")
     table.append(f"\n{len(ids)} held-out identities x {cfg.prompts_per_identity} prompts, cfg {cfg.guidance}, "
                  f"tau {cfg.tau}, top-1 chance {1 / len(ids):.3f}, {seconds / n_img:.3f} s per generated image "
-                 "(decoder included)")
+                 "(decoder included)" + ("; coarse / fine traits: the share of the reference person's traits the "
+                                         "judge's trait readers find on the face" if traits else ""))
     table = write_table("\n".join(table), cfg)
     write_json({"rows": means, "identities": len(ids), "prompts_per_identity": cfg.prompts_per_identity,
                 "seconds_per_image": seconds / n_img, "ckpt": cfg.ckpt, "step": run.step}, cfg)
@@ -329,9 +342,10 @@ def eval_photos(cfg, device):
 
 
 def held_out_set(cfg, run, judge, device):
-    """-> (identity ids, {id: records}, reference crops (N, 3, S, S), their evaluator embeddings (N, E))."""
+    """-> (identity ids, {id: records}, reference crops (N, 3, S, S), their evaluator embeddings (N, E), their true
+    traits [N dicts] or None)."""
     ids, by_id, refs = held_out_identities(cfg, run.config["face_size"], device)
-    return ids, by_id, refs, judge.embed(refs, "eval")
+    return ids, by_id, refs, judge.embed(refs, "eval"), held_out_traits(cfg, judge, ids)
 
 
 @torch.no_grad()
@@ -339,15 +353,17 @@ def score_setting(cfg, run, judge, held_out, per_scale=False, **knobs):
     """Every held-out identity x prompt (those of eval_generation) generated with one sampling setting (knobs:
     id_scale, hf_from_scale) and scored -> {metric: per-image values}, with per_scale also "per_scale" (K, images).
     The generator restarts from --seed for every setting: settings differ only by their knobs."""
-    ids, by_id, refs, ref_embs = held_out
+    ids, by_id, refs, ref_embs, traits = held_out
     gen, out = torch.Generator(device=refs.device).manual_seed(cfg.seed), {}
     for n, i in enumerate(ids):
         recs = by_id[i][1: 1 + cfg.prompts_per_identity]
         own, crops = torch.full((len(recs),), n, device=refs.device), refs[n: n + 1].expand(len(recs), -1, -1, -1)
+        true = None if traits is None else [traits[n]] * len(recs)
         images, sums = generate(run, [r["caption_short"] for r in recs], crops, gen, cfg.guidance, cfg.tau, **knobs)
-        scores = judge_scores(judge, images, ref_embs, own, [r["attributes"] for r in recs])
-        if per_scale:
-            scores["per_scale"] = per_scale_face_sim(judge, run.vae.decode, sums, ref_embs, own)  # (K, B)
+        scores = judge_scores(judge, images, ref_embs, own, [r["attributes"] for r in recs], true)
+        if per_scale:  # (K, B) each
+            scores |= {f"per_scale_{k}": v for k, v in
+                       per_scale_scores(judge, run.vae.decode, sums, ref_embs, own, true).items()}
         for k, v in scores.items():
             out.setdefault(k, []).append(v.cpu())
     return {k: torch.cat(v, dim=-1) for k, v in out.items()}
@@ -358,34 +374,41 @@ def eval_per_scale(cfg, device):
     judge, run = load_judge_or_fail(cfg, device), load_run(cfg.ckpt, device)
     s = score_setting(cfg, run, judge, held_out_set(cfg, run, judge, device), per_scale=True, id_scale=cfg.id_scale,
                       hf_from_scale=cfg.hf_from_scale)
-    face_sim, n = s["per_scale"].mean(1).tolist(), s["per_scale"].shape[1]
-    table = ["| scales decoded (k) | FaceSim |", "|---|---|"]
-    table += [f"| {k} | {v:.4f} |" for k, v in enumerate(face_sim, 1)]
+    curves = {k: s[f"per_scale_{k}"].mean(1).tolist() for k in ("face_sim", "coarse_trait", "fine_trait")
+              if f"per_scale_{k}" in s}  # {metric: [K values]}
+    names = {"face_sim": "FaceSim", "coarse_trait": "coarse traits", "fine_trait": "fine traits"}
+    table = ["| scales decoded (k) | " + " | ".join(names[k] for k in curves) + " |", "|---" * (len(curves) + 1) + "|"]
+    table += [f"| {k + 1} | " + " | ".join(f"{v[k]:.4f}" for v in curves.values()) + " |"
+              for k in range(len(curves["face_sim"]))]
+    n = s["per_scale_face_sim"].shape[1]
     table.append(f"\n{cfg.ckpt} (step {run.step}), id_scale {cfg.id_scale}, hf_from_scale {cfg.hf_from_scale}, {n} "
                  "images; k = K is the final image")
     table = write_table("\n".join(table), cfg)
-    write_json({"k": list(range(1, len(face_sim) + 1)), "face_sim": face_sim, "images": n, "ckpt": cfg.ckpt,
+    write_json({"k": list(range(1, len(curves["face_sim"]) + 1)), **curves, "images": n, "ckpt": cfg.ckpt,
                 "id_scale": cfg.id_scale, "hf_from_scale": cfg.hf_from_scale}, cfg)
     return table
 
 
 def eval_strength(cfg, device):
-    """The identity-strength trade-off: FaceSim, top-1 and prompt adherence vs id_scale (the adapter on at every
-    scale) and vs hf_from_scale = 0..K (the adapter on from scale k, at --id_scale)."""
+    """The identity-strength trade-off: FaceSim, top-1, prompt adherence (and, with trait readers, coarse and fine
+    trait accuracy) vs id_scale (the adapter on at every scale) and vs hf_from_scale = 0..K (the adapter on from
+    scale k, at --id_scale)."""
     judge, run = load_judge_or_fail(cfg, device), load_run(cfg.ckpt, device)
     held_out = held_out_set(cfg, run, judge, device)
     K = len(geometry(run.config["pn"], run.config["image_size"], 1.0, run.vae.cfg.patch_size)[1])
     curves = {"id_scale": [(v, dict(id_scale=v)) for v in cfg.id_scales],
               "hf_from_scale": [(k, dict(id_scale=cfg.id_scale, hf_from_scale=k)) for k in range(K + 1)]}
     numbers, table = {"num_scales": K, "ckpt": cfg.ckpt, "id_scale": cfg.id_scale}, []
+    columns = {"face_sim": "FaceSim", "top1": "identity top-1", "prompt_acc": "prompt adherence"}
+    columns |= {"coarse_trait": "coarse traits", "fine_trait": "fine traits"} if held_out[4] else {}
     for name, settings in curves.items():
-        numbers[name] = {"values": [v for v, _ in settings], "face_sim": [], "top1": [], "prompt_acc": []}
-        table += [f"| {name} | FaceSim | identity top-1 | prompt adherence |", "|---|---|---|---|"]
+        numbers[name] = {"values": [v for v, _ in settings]} | {k: [] for k in columns}
+        table += [f"| {name} | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
         for v, knobs in settings:
             m = {k: float(x.mean()) for k, x in score_setting(cfg, run, judge, held_out, **knobs).items()}
-            for k in ("face_sim", "top1", "prompt_acc"):
+            for k in columns:
                 numbers[name][k].append(m[k])
-            table.append(f"| {v:g} | {m['face_sim']:.4f} | {m['top1']:.4f} | {m['prompt_acc']:.4f} |")
+            table.append(f"| {v:g} | " + " | ".join(f"{m[k]:.4f}" for k in columns) + " |")
         table.append("")
     table.append(f"{cfg.ckpt} (step {run.step}): {len(held_out[0])} held-out identities x {cfg.prompts_per_identity} "
                  f"prompts per setting, cfg {cfg.guidance}; hf_from_scale k: the adapter acts from scale k on at "

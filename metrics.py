@@ -103,16 +103,19 @@ def evaluate_tokenizer(vae, records, image_size, device, judge=None, grid_path=N
     return summarize(per_image)
 
 
-def judge_scores(judge, images, ref_embs, own, attrs):
+def judge_scores(judge, images, ref_embs, own, attrs, traits=None):
     """Synthfaces generation scores of images (B, 3, H, W) of identities `own` (B,) against the reference embeddings
     (N, E) of all N identities: FaceSim to the own reference (the judge finds and crops the face, as a detector would
-    in a real photo), top-1 retrieval among the N, and prompt adherence over the prompt's attributes (B dicts)."""
+    in a real photo), top-1 retrieval among the N, and prompt adherence over the prompt's attributes (B dicts). With
+    traits (the true traits of each image's reference person, B dicts) and a judge with trait readers, also
+    coarse_trait and fine_trait: the share of those traits read off the face."""
     sims = face_embeddings(judge, images) @ ref_embs.T  # (B, N)
     logits = judge.classify(images)
     hits = [float(logits[a][b].argmax() == judge.attributes[a].index(v)) for b, at in enumerate(attrs)
             for a, v in at.items()]
-    return {"face_sim": sims[torch.arange(len(own)), own], "top1": (sims.argmax(1) == own).float(),
-            "prompt_acc": torch.tensor(hits)}
+    out = {"face_sim": sims[torch.arange(len(own)), own], "top1": (sims.argmax(1) == own).float(),
+           "prompt_acc": torch.tensor(hits)}
+    return out | (judge.trait_scores(images, traits) if traits is not None and judge.traits is not None else {})
 
 
 def face_embeddings(judge, images):
@@ -121,13 +124,20 @@ def face_embeddings(judge, images):
 
 
 @torch.no_grad()
-def per_scale_face_sim(judge, decode, per_scale, ref_embs, own):
-    """Fig. 8 as a number. per_scale: the running sums of the first k scales' codes [(B, d, H, W)] * K (what
+def per_scale_scores(judge, decode, per_scale, ref_embs, own, traits=None):
+    """Fig. 8 as numbers. per_scale: the running sums of the first k scales' codes [(B, d, H, W)] * K (what
     model.generate returns), decode: latent -> images. Each sum is decoded and scored exactly as judge_scores scores
-    a final image (detect, crop, evaluator embedding, cosine with the own reference ref_embs[own]) -> FaceSim (K, B);
-    row K - 1 is the FaceSim of the final image."""
-    rows = torch.arange(len(own))
-    return torch.stack([(face_embeddings(judge, decode(z)) @ ref_embs.T)[rows, own] for z in per_scale])
+    a final image (detect, crop, evaluator embedding, cosine with the own reference ref_embs[own]) -> {"face_sim":
+    (K, B)}, with traits (as in judge_scores) also "coarse_trait" and "fine_trait" (K, B); row K - 1 scores the final
+    image."""
+    rows, out = torch.arange(len(own)), {}
+    for z in per_scale:
+        images = decode(z)
+        out.setdefault("face_sim", []).append((face_embeddings(judge, images) @ ref_embs.T)[rows, own])
+        if traits is not None and judge.traits is not None:
+            for k, v in judge.trait_scores(images, traits).items():
+                out.setdefault(k, []).append(v)
+    return {k: torch.stack(v) for k, v in out.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -62,8 +62,8 @@ CHECK_EVAL = ["--prompts_per_identity=2"]
 # the shipped files: name -> (stage output, entries kept, what it is)
 SHIPPED = {"tokenizer.pt": ("tokenizer/ckpt.pt", ("model", "tokenizer_config", "config", "step", "metrics"),
                             "BSQ-VAE tokenizer (the Infinity VAE of synthfaces)"),
-           "judge.pt": (None, ("model", "judge_config", "config", "metrics"), "the judge: detector, identity and "
-                        "attribute nets that score every run"),
+           "judge.pt": (None, ("model", "judge_config", "config", "metrics"), "the judge: detector, identity, "
+                        "attribute and trait nets that score every run"),
            "base.pt": ("base/ckpt.pt", ("model", "text_encoder", "caption_tokenizer", "model_config", "config", "step"),
                        "text-to-image base transformer without identity paths (the Infinity-2B of synthfaces)"),
            "face_encoder.pt": ("face_encoder/ckpt.pt", ("model", "tokenizer_config", "config", "step", "metrics"),

@@ -1,14 +1,16 @@
 """
-The paper's evidence at synthfaces scale in one command: Table 3 (the identity paths, trained over seeds), Fig. 8 as a
-number (FaceSim per scale), the identity-strength curves and Table 4 (the face encoder's losses, its face tokens
-downstream). It reuses the quick start's data, judge, tokenizer and face encoder (python quickstart.py first); a
-rerun skips finished outputs and resumes a partial training run. The parts and outputs: README.md, section "The
-paper's evidence at our scale".
+The paper's evidence at synthfaces scale in one command: Table 3 (the identity paths, trained over seeds, with the
+full model's paired differences to each ablation), Fig. 8 as numbers (FaceSim and fine-trait accuracy of the first k
+scales decoded), the identity-strength curves and Table 4 (the face encoder's losses, its face tokens downstream).
+Every HEAR variant is a fine-tune of the shipped base; the scores come from the shipped judge, whose trait readers
+split identity into coarse traits (skin, hair, eyes, nose, ears, facial hair) and fine ones (iris, freckles).
+It reuses the quick start's data and face encoder (python quickstart.py first); a rerun skips finished outputs and
+resumes a partial training run. The parts, outputs and the figures of a full run: docs/study.md.
 
   python study.py                                    # every part, under out/study
   python study.py --parts=table3,per_scale --seeds=3 # parts: table3, per_scale, strength, table4
+  python study.py --hear_iters=1000 --jobs=2         # longer fine-tunes, 2 trainings at a time on half the cores each
   python study.py --preset=tiny                      # toy sizes (after python quickstart.py --preset=tiny)
-  python study.py --jobs=2                           # 2 trainings at a time, each on half the cores
 
 Every command is one a user would type (its log: <out_dir>/logs/). study.json records each with its wall and CPU
 time (of the child process), the commit, the machine and the total CPU time.
@@ -50,6 +52,7 @@ class Config:
     out_dir: str = "out/study"  # runs, tables, plots, logs and study.json
     device: str = "auto"  # auto | cpu | cuda (passed to every command)
     jobs: int = 1  # trainings run at once, each with cores // jobs threads (the evaluations run after, one at a time)
+    hear_iters: int = 0  # steps of every HEAR fine-tune (0: the quick start's, train.py's synthfaces_hear preset)
 
 
 PRESETS = {"synthfaces": {}, "tiny": {"seeds": 2, "data_dir": "out/quickstart_tiny/data", "out_dir": "out/study_tiny",
@@ -58,10 +61,10 @@ PRESETS = {"synthfaces": {}, "tiny": {"seeds": 2, "data_dir": "out/quickstart_ti
                                       "base_ckpt": "out/quickstart_tiny/base/ckpt.pt",
                                       "face_encoder_ckpt": "out/quickstart_tiny/face_encoder/ckpt.pt"}}
 SIZES = {  # per study preset: the train.py preset, the face encoder's flags and the eval.py flags of the quick start
-    "synthfaces": dict(train="synthfaces_hear", face=["--preset=synthfaces_face"], eval=[]),
+    "synthfaces": dict(train="synthfaces_hear", face=["--preset=synthfaces_face"], eval=[], hf_from=3),
     "tiny": dict(train="tiny", face=["--preset=tiny", "--face_mask=True", "--id_weight=0.1"],
-                 eval=["--image_size=16", "--max_images=16", "--prompts_per_identity=1"]),
-}
+                 eval=["--image_size=16", "--max_images=16", "--prompts_per_identity=1"], hf_from=1),
+}  # hf_from: the scale the adapter starts at in the per_scale curve "adapter from scale k" (synthfaces: the 2 finest)
 PARTS = ("table3", "per_scale", "strength", "table4")
 # Table 3 rows: the text-only baseline, then the paper's order -> (row label, use_global_face, use_hf_adapter)
 VARIANTS = {"text_only": ("text only (no face)", False, False),
@@ -77,10 +80,13 @@ TOKENIZERS = [("generation tokenizer (no fine-tune)", "tokenizer_ckpt"),
 # Table 4 downstream rows: (label, variant, face tokens of: the face encoder | the generation tokenizer)
 TABLE4_RUNS = [("HEAR, face tokens of the generation tokenizer", "full", "tokenizer"),
                ("HEAR, face tokens of the face encoder", "full", "face_encoder")]
-# per_scale curves: name -> (variant, eval.py flags, legend, colour)
+# per_scale curves: name -> (variant, eval.py flags ("{hf_from}": SIZES' hf_from), legend, colour)
 PER_SCALE = {"full": ("full", [], "HEAR", "green"), "no_hf": ("no_hf", [], "w/o adapter", "orange"),
+             "full_hf_late": ("full", ["--hf_from_scale={hf_from}"], "HEAR, adapter from scale {hf_from}", "purple"),
              "full_id_scale_0": ("full", ["--id_scale=0"], "HEAR, id_scale 0", "blue")}
-METRICS = (("face_sim", "FaceSim"), ("top1", "identity top-1"), ("prompt_acc", "prompt adherence"))
+# table columns; the trait columns appear when the judge has trait readers and the data its traits.json
+METRICS = (("face_sim", "FaceSim"), ("top1", "identity top-1"), ("coarse_trait", "coarse traits"),
+           ("fine_trait", "fine traits"), ("prompt_acc", "prompt adherence"))
 Step = collections.namedtuple("Step", "part name argv output")  # output: the file that marks the command done
 
 
@@ -95,8 +101,9 @@ def commands(cfg):
     if any(p not in PARTS for p in cfg.parts.split(",")) or cfg.preset not in SIZES or cfg.seeds < 1:
         raise UserError(f"--parts={cfg.parts!r} --preset={cfg.preset!r} --seeds={cfg.seeds}: parts from "
                         f"{','.join(PARTS)}, preset {' or '.join(SIZES)}, seeds >= 1")
-    if cfg.jobs < 1:
-        raise UserError(f"--jobs={cfg.jobs}: give the number of trainings to run at once (>= 1)")
+    if cfg.jobs < 1 or cfg.hear_iters < 0:
+        raise UserError(f"--jobs={cfg.jobs} --hear_iters={cfg.hear_iters}: give the number of trainings to run at once "
+                        "(>= 1) and the fine-tune steps (0 = the quick start's)")
     size, d, out = SIZES[cfg.preset], cfg.data_dir, cfg.out_dir
 
     def script(name, *args):
@@ -112,7 +119,7 @@ def commands(cfg):
         argv = script("train.py", f"--preset={size['train']}", f"--init_from={cfg.base_ckpt}", f"--data_dir={d}",
                       f"--out_dir={run}", f"--seed={seed}", f"--tokenizer_ckpt={cfg.tokenizer_ckpt}",
                       f"--face_encoder_ckpt={face_ckpt}", f"--use_global_face={use_global}",
-                      f"--use_hf_adapter={use_hf}")
+                      f"--use_hf_adapter={use_hf}", *([f"--max_iters={cfg.hear_iters}"] if cfg.hear_iters else []))
         return Step(part, f"train {os.path.basename(run)}", argv, f"{run}/ckpt.pt")
 
     def hear(part, variant, seed, faces="face_encoder"):  # train it, then score it with eval.py --what=generation
@@ -129,7 +136,8 @@ def commands(cfg):
     steps = {"table3": [s for v in VARIANTS for seed in range(cfg.seeds) for s in hear("table3", v, seed)]}
     steps["per_scale"] = [train("per_scale", "full", 0), train("per_scale", "no_hf", 0)]
     steps["per_scale"] += [evaluate("per_scale", f"per_scale {n}", "per_scale", f"{out}/per_scale/{n}",
-                                    f"--ckpt={run_dir(cfg, v, 0)}/ckpt.pt", *flags)
+                                    f"--ckpt={run_dir(cfg, v, 0)}/ckpt.pt",
+                                    *(f.format(hf_from=size["hf_from"]) for f in flags))
                            for n, (v, flags, _, _) in PER_SCALE.items()]
     steps["strength"] = [train("strength", "full", 0), evaluate("strength", "strength", "strength",
                                                                 f"{out}/strength/strength",
@@ -197,32 +205,63 @@ def machine():
 
 def seed_table(groups):
     """{row label: [per-seed {metric: value}]} -> (markdown rows: mean ± sample std (n - 1; no spread, and std None,
-    for one seed) and the number of seeds, {label: {metric: {mean, std, values}}}). Labels without runs are left out."""
-    rows, numbers = ["| model | " + " | ".join(n for _, n in METRICS) + " | seeds |", "|---" * 5 + "|"], {}
-    for label, runs in ((label, runs) for label, runs in groups.items() if runs):
-        values = {key: [r[key] for r in runs] for key, _ in METRICS}
+    for one seed) and the number of seeds, {label: {metric: {mean, std, values}}}). Labels without runs are left out;
+    the columns are the METRICS every run has."""
+    groups = {label: runs for label, runs in groups.items() if runs}
+    metrics = [(k, name) for k, name in METRICS if all(k in r for runs in groups.values() for r in runs)]
+    rows = ["| model | " + " | ".join(n for _, n in metrics) + " | seeds |", "|---" * (len(metrics) + 2) + "|"]
+    numbers = {}
+    for label, runs in groups.items():
+        values = {key: [r[key] for r in runs] for key, _ in metrics}
         numbers[label] = {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else None,
                               "values": v} for k, v in values.items()}
         cells = [f"{numbers[label][k]['mean']:.4f}" + (f" ± {numbers[label][k]['std']:.4f}" if len(runs) > 1 else "")
-                 for k, _ in METRICS]
+                 for k, _ in metrics]
         rows.append(f"| {label} | {' | '.join(cells)} | {len(runs)} |")
     return rows, numbers
 
 
+def paired_differences(numbers, reference):
+    """The reference row minus every other row, seed by seed (runs with the same seed share the data order and the
+    sampling seed, so they pair) -> (markdown rows: mean difference ± its standard error, sample std / sqrt(n);
+    {label: {metric: {mean, se, n}}}). Only rows with the reference's number of seeds pair."""
+    ref = numbers[reference]
+    metrics = [(k, name) for k, name in METRICS if k in ref]
+    rows = [f"| {reference} minus | " + " | ".join(n for _, n in metrics) + " | seeds |",
+            "|---" * (len(metrics) + 2) + "|"]
+    diffs = {}
+    for label, row in numbers.items():
+        n = len(ref[metrics[0][0]]["values"])
+        if label == reference or len(row[metrics[0][0]]["values"]) != n:
+            continue
+        d = {k: [a - b for a, b in zip(ref[k]["values"], row[k]["values"])] for k, _ in metrics}
+        diffs[label] = {k: {"mean": statistics.mean(v), "se": statistics.stdev(v) / n ** 0.5 if n > 1 else None,
+                            "n": n} for k, v in d.items()}
+        cells = [f"{diffs[label][k]['mean']:+.4f}" + (f" ± {diffs[label][k]['se']:.4f}" if n > 1 else "")
+                 for k, _ in metrics]
+        rows.append(f"| {label} | {' | '.join(cells)} | {n} |")
+    return rows, diffs
+
+
 def write_tables(cfg, record, part, runs, head=""):
-    """runs [(label, variant, faces)] -> <part>.md (head, then the seed table of the "HEAR (face + prompt)" rows of
-    each run's generation.json) and <part>.json (the numbers; the commands of the part and of its runs, with their
-    CPU time and its total; commit; machine)."""
+    """runs [(label, variant, faces)], the first the reference -> <part>.md (head; the seed table of the "HEAR (face +
+    prompt)" rows of each run's generation.json; the reference minus every other row, paired by seed) and
+    <part>.json (the numbers and differences; the commands of the part and of its runs, with their CPU time and its
+    total; commit; machine)."""
     dirs = {label: [run_dir(cfg, variant, s, faces) for s in range(cfg.seeds)] for label, variant, faces in runs}
     rows, numbers = seed_table({label: [json.load(open(f"{d}/generation.json"))["rows"]["HEAR (face + prompt)"]
                                         for d in ds if os.path.isfile(f"{d}/generation.json")]
                                 for label, ds in dirs.items()})
+    reference = runs[0][0]
+    diff_rows, diffs = paired_differences(numbers, reference) if reference in numbers else ([], {})
     write(cfg, f"{part}.md", head + "\n".join(rows) + "\n\nmean ± sample std over training seeds (eval.py "
-          "--what=generation on the held-out identities); commands, CPU time, commit and machine: " + f"{part}.json")
+          "--what=generation on the held-out identities)\n\n" + "\n".join(diff_rows) + "\n\npaired by seed: mean "
+          "difference ± its standard error; commands, CPU time, commit and machine: " + f"{part}.json")
     own = {d for ds in dirs.values() for d in ds}
     commands = {o: e for o, e in record["commands"].items() if e["part"] == part or os.path.dirname(o) in own}
     numbers = {k: record[k] for k in ("commit", "machine", "study_command")} | {
-        "cpu_s": sum(e["cpu_s"] for e in commands.values()), "commands": commands, "rows": numbers}
+        "cpu_s": sum(e["cpu_s"] for e in commands.values()), "commands": commands, "rows": numbers,
+        "differences": {"reference": reference, "rows": diffs}}
     write(cfg, f"{part}.json", json.dumps(numbers, indent=1))
 
 
@@ -230,10 +269,14 @@ def write_plots(cfg, chosen):
     """per_scale.png: FaceSim vs k of the PER_SCALE curves (their numbers: per_scale/<name>.md); strength.png: FaceSim
     (top) and prompt adherence (bottom) vs id_scale (left) and hf_from_scale (right) (numbers: strength/strength.md)."""
     if "per_scale" in chosen:
-        curves = {n: json.load(open(f"{cfg.out_dir}/per_scale/{n}.json"))["face_sim"] for n in PER_SCALE}
-        ks = list(range(1, len(curves["full"]) + 1))
-        lines = [(legend, ks, curves[n], colour) for n, (_, _, legend, colour) in PER_SCALE.items()]
-        line_plot([("FaceSim of the first k scales decoded", "k", lines)], f"{cfg.out_dir}/per_scale.png", 420, 300, 1)
+        curves = {n: json.load(open(f"{cfg.out_dir}/per_scale/{n}.json")) for n in PER_SCALE}
+        ks = list(range(1, len(curves["full"]["face_sim"]) + 1))
+        panels = [(f"{title} of the first k scales decoded", "k",
+                   [(legend.format(hf_from=SIZES[cfg.preset]["hf_from"]), ks, curves[n][key], colour)
+                    for n, (_, _, legend, colour) in PER_SCALE.items()])
+                  for key, title in (("face_sim", "FaceSim"), ("fine_trait", "fine-trait accuracy"))
+                  if all(key in c for c in curves.values())]
+        line_plot(panels, f"{cfg.out_dir}/per_scale.png", 420 * len(panels), 300, len(panels))
     if "strength" in chosen:
         s = json.load(open(f"{cfg.out_dir}/strength/strength.json"))
         panels = [(f"{title} vs {x}", x, [("", s[x]["values"], s[x][k], colour)]) for k, title, colour in
@@ -278,12 +321,12 @@ def main(cfg):
             run(step)
     save_record(cfg, record)
     chosen = cfg.parts.split(",")
-    if "table3" in chosen:
-        write_tables(cfg, record, "table3", [(v[0], k, "face_encoder") for k, v in VARIANTS.items()])
+    if "table3" in chosen:  # the full model first: the reference of the paired differences
+        write_tables(cfg, record, "table3", [(v[0], k, "face_encoder") for k, v in reversed(VARIANTS.items())])
     write_plots(cfg, chosen)
     if "table4" in chosen:
         head = open(f"{cfg.out_dir}/table4/tokenizers.md").read().strip() + "\n\n"
-        write_tables(cfg, record, "table4", TABLE4_RUNS, head)
+        write_tables(cfg, record, "table4", TABLE4_RUNS[::-1], head)
     log(f"study: {record['total_cpu_s'] / 3600:.2f} CPU hours over all its commands; outputs in {cfg.out_dir}")
     return record
 

@@ -18,7 +18,7 @@ from checkpoint import save_checkpoint
 from common import parse_config
 from conftest import write_tokenizer_ckpt
 from data.synthfaces.judge import Judge
-from metrics import judge_scores, per_scale_face_sim
+from metrics import judge_scores, per_scale_scores
 
 ATTRS = {"background": ["red", "blue"], "clothing": ["red"], "accessory": ["none"], "accessory_color": ["none"],
          "expression": ["neutral"], "position": ["center"], "size": ["small"], "lighting": ["even"], "style": ["photo"]}
@@ -100,30 +100,41 @@ def test_per_scale_face_sim_follows_the_running_sum(tiny_manifest, tmp_path, one
             z = z + tok.resample(codes, (8, 8), "trilinear")
             sums.append(z)
         assert len(sums) == 5 and torch.equal(sums[-1], q["z"])
-        full = per_scale_face_sim(judge, vae.decode, sums, ref_embs, own)  # (K, B)
+        full = per_scale_scores(judge, vae.decode, sums, ref_embs, own)["face_sim"]  # (K, B)
         final = judge_scores(judge, vae.decode(q["z"]), ref_embs, own, [{"background": "red"}] * 3)["face_sim"]
-        zeroed = per_scale_face_sim(judge, vae.decode, sums[:2] + [sums[1]] * 3, ref_embs, own)
+        zeroed = per_scale_scores(judge, vae.decode, sums[:2] + [sums[1]] * 3, ref_embs, own)["face_sim"]
     assert full.shape == (5, 3) and full.abs().max() <= 1 + 1e-6
     assert torch.equal(full[-1], final)  # the same decode, detection, crop and embedding on the same latent
     assert torch.equal(zeroed[:2], full[:2]) and all(torch.equal(zeroed[k], zeroed[1]) for k in (2, 3, 4))
     assert not torch.equal(full[1], full[-1])  # the scales after the second do change the face
 
 
-def test_seed_table_of_two_fake_runs(tmp_path):
+def test_seed_table_and_paired_differences_of_fake_runs(tmp_path):
     cfg = tiny_study(tmp_path, "--seeds=2")
-    for variant, seed, value in (("full", 1, 0.3), ("full", 0, 0.1), ("text_only", 0, 0.05)):
+    runs = {("full", 0): 0.1, ("full", 1): 0.3, ("no_hf", 0): 0.05, ("no_hf", 1): 0.15, ("text_only", 0): 0.05}
+    for (variant, seed), v in runs.items():
         os.makedirs(study.run_dir(cfg, variant, seed))
-        row = {"face_sim": value, "top1": 2 * value, "prompt_acc": 0.5}
+        row = {"face_sim": v, "top1": 2 * v, "coarse_trait": 0.5 + v, "fine_trait": v / 2, "prompt_acc": 0.5}
         with open(f"{study.run_dir(cfg, variant, seed)}/generation.json", "w") as f:
             json.dump({"rows": {"HEAR (face + prompt)": row, "null face (prompt only)": {}}}, f)
     record = {"commit": "abc", "machine": {}, "study_command": "python study.py", "commands": {}}
-    study.write_tables(cfg, record, "table3", [(v[0], k, "face_encoder") for k, v in study.VARIANTS.items()])
+    study.write_tables(cfg, record, "table3", [(v[0], k, "face_encoder") for k, v in reversed(study.VARIANTS.items())])
     rows = open(f"{cfg.out_dir}/table3.md").read().splitlines()
-    assert rows[0] == "| model | FaceSim | identity top-1 | prompt adherence | seeds |"
-    assert rows[2] == "| text only (no face) | 0.0500 | 0.1000 | 0.5000 | 1 |"  # one seed: no spread to show
-    assert rows[3] == "| HEAR (both identity paths) | 0.2000 ± 0.1414 | 0.4000 ± 0.2828 | 0.5000 ± 0.0000 | 2 |"
-    numbers = json.load(open(f"{cfg.out_dir}/table3.json"))["rows"]["HEAR (both identity paths)"]["face_sim"]
-    assert numbers["mean"] == pytest.approx(0.2) and numbers["std"] == pytest.approx(2**0.5 / 10)  # sample std
+    assert rows[0] == "| model | FaceSim | identity top-1 | coarse traits | fine traits | prompt adherence | seeds |"
+    assert rows[2] == ("| HEAR (both identity paths) | 0.2000 ± 0.1414 | 0.4000 ± 0.2828 | 0.7000 ± 0.1414 | "
+                       "0.1000 ± 0.0707 | 0.5000 ± 0.0000 | 2 |")
+    assert rows[4] == "| text only (no face) | 0.0500 | 0.1000 | 0.5500 | 0.0250 | 0.5000 | 1 |"  # one seed: no spread
+    numbers = json.load(open(f"{cfg.out_dir}/table3.json"))
+    full = numbers["rows"]["HEAR (both identity paths)"]["face_sim"]
+    assert full["mean"] == pytest.approx(0.2) and full["std"] == pytest.approx(2**0.5 / 10)  # sample std
+    # full minus w/o adapter, seed by seed: 0.05 and 0.15 -> mean 0.1, sample std 0.0707, standard error 0.05
+    no_hf = "w/o high-frequency adapter (global face tokens only)"
+    diff = numbers["differences"]["rows"][no_hf]
+    assert diff["face_sim"]["mean"] == pytest.approx(0.1) and diff["face_sim"]["se"] == pytest.approx(0.05)
+    assert diff["fine_trait"]["mean"] == pytest.approx(0.05) and diff["fine_trait"]["se"] == pytest.approx(0.025)
+    assert list(numbers["differences"]["rows"]) == [no_hf]  # the one-seed row has no pairs at 2 seeds
+    assert f"| {no_hf} | +0.1000 ± 0.0500 | +0.2000 ± 0.1000 | +0.1000 ± 0.0500 | +0.0500 ± 0.0250 |" in \
+        "\n".join(rows)
 
 
 def fake_output(path):

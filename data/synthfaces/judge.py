@@ -11,6 +11,11 @@ TRAIN identities only, once, and cached next to the data in <data_dir>/judge.pt.
            w.r.t. its input image)
   id_eval  identity embedding, residual net, seed+2: the FaceSim evaluator. A different architecture and seed, so the
            generator is never scored by the network it was trained against (design.md section 5)
+  traits   one CNN on a larger face crop (trait_size), seed+4: one head per identity trait of prepare.TRAITS (coarse:
+           skin, hair, eyes, nose, ears, facial hair; fine: iris, freckles; also the mole count, read at chance), so
+           a generated face can be checked trait by trait against the reference person's true traits (traits.json
+           of prepare.py). Trained on trait_ids identities drawn for it alone (prepare.py's drawing, its own seed
+           stream): 300 identities are too few to learn a trait rather than the person who has it
 
 Both identity nets see square face crops (face_detect.square_crop: side = crop_scale * max(box w, h), the framing
 of prepare.py's reference crops) resized to id_size, and are trained as classifiers over the train identities with a
@@ -19,17 +24,20 @@ feature.
 
 Held-out checks written to <data_dir>/judge_metrics.json: identity top-1 over the train identities on held-out
 images of those identities, verification ROC AUC on the never-seen TEST identities, accuracy of every attribute
-head and mean IoU of the detector on held-out images.
+head and mean IoU of the detector on held-out images, accuracy of every trait head on the test identities' images
+beside its chance rate (the share of the most common value).
 
 A library (eval.py and train_tokenizer.py load the trained judge with load_judge) with a command line that trains it,
 run from the repo root as a module:
   python -m data.synthfaces.judge                # default data: 2-5 min on 2 free CPU cores (machines differ)
   python -m data.synthfaces.judge --preset=tiny --data_dir=/tmp/synthfaces_tiny
   python -m data.synthfaces.judge --force=True --device=cuda       # retrain even if judge.pt exists
+  python -m data.synthfaces.judge --only_traits=True              # add the trait readers to an existing judge.pt
 
 Python API (eval.py, train_tokenizer.py): judge = load_judge(path, device); judge.detect(images) -> boxes;
 judge.crop(images, boxes, size); judge.embed(x, which="eval"|"loss"); judge.classify(images) -> {attr: logits};
-judge.face_sim(generated, reference_crops) -> (B,) cosine. Images are (B, 3, H, W) in [-1, 1].
+judge.face_sim(generated, reference_crops) -> (B,) cosine;
+judge.read_traits(images) -> {trait: logits}. Images are (B, 3, H, W) in [-1, 1].
 """
 
 import json
@@ -49,6 +57,8 @@ from checkpoint import load_checkpoint, save_checkpoint
 from common import UserError, cli, config_dict, log, lr_schedule, resolve_device
 from data.manifest import read_manifest
 from data.synthfaces.captions import ATTRIBUTES
+from data.synthfaces import prepare
+from data.synthfaces.prepare import COARSE_TRAITS, FINE_TRAITS, TRAITS
 
 
 @dataclass
@@ -73,12 +83,17 @@ class Config:
     cos_margin: float = 0.2  # CosFace additive margin m
     cos_scale: float = 16.0  # CosFace logit scale s
     box_jitter: float = 0.06  # random shift/scale of training crops (fraction of the box side): detector error
+    trait_size: int = 64  # side of the face crops the trait readers see (fine traits are 1-2 px at 64x64 images)
+    trait_epochs: int = 30  # epochs of the trait readers (the fine ones, iris and freckles, need the most)
+    trait_ids: int = 6000  # identities drawn for the trait readers alone (one image each), apart from train and test
+    only_traits: bool = False  # train only the trait readers into an existing judge.pt (the other nets keep theirs)
 
 
 PRESETS = {
     "synthfaces": {},
     "tiny": dict(data_dir="out/synthfaces_tiny", holdout_per_id=2, batch_size=16, scene_epochs=8, face_epochs=8,
-                 id_epochs=25, scene_width=8, id_width=8, embed_dim=16),
+                 id_epochs=25, scene_width=8, id_width=8, embed_dim=16, trait_size=32, trait_epochs=8,
+                 trait_ids=256),
 }
 
 # attributes read on the whole image vs on the face crop
@@ -214,10 +229,11 @@ def resize(x, size):
 
 
 class Judge(nn.Module):
-    """Container of the three trained networks plus the framing constants they were trained with."""
+    """Container of the trained networks plus the framing constants they were trained with. traits: {trait: values}
+    builds the trait readers (judges written without them have none: read_traits is then unavailable)."""
 
     def __init__(self, resolution, id_size, crop_scale, embed_dim, n_ids, attributes=ATTRIBUTES, scene_width=24,
-                 id_width=16):
+                 id_width=16, traits=None, trait_size=64):
         super().__init__()
         self.resolution, self.id_size, self.crop_scale = resolution, id_size, crop_scale
         self.attributes = {k: list(v) for k, v in attributes.items()}
@@ -227,6 +243,8 @@ class Judge(nn.Module):
         self.id_eval = IdNet(residual_features(id_width), id_size, embed_dim, id_width)
         self.loss_head = CosFaceHead(embed_dim, n_ids)  # train-identity centres (for top-1 checks)
         self.eval_head = CosFaceHead(embed_dim, n_ids)
+        self.trait_values, self.trait_size = ({k: list(v) for k, v in traits.items()} if traits else None), trait_size
+        self.traits = FaceAttrNet(trait_size, self.trait_values, id_width) if traits else None
 
     def detect(self, images):
         """(B, 3, H, W) in [-1, 1] -> face boxes (B, 4) [x0, y0, x1, y1] in pixels of the input."""
@@ -253,6 +271,25 @@ class Judge(nn.Module):
         logits.update(self.face(self.crop(images, boxes)))
         return {name: logits[name] for name in self.attributes}
 
+    def read_traits(self, images, boxes=None):
+        """(B, 3, H, W) in [-1, 1] -> {trait: logits (B, len(values))}, read on the crop of `boxes` (pixels; default:
+        the detected face)."""
+        if self.traits is None:
+            raise UserError("this judge.pt has no trait readers; add them: python -m data.synthfaces.judge "
+                            "--only_traits=True --data_dir=<its data>")
+        boxes = self.detect(images) if boxes is None else boxes
+        return self.traits(self.crop(images, boxes, self.trait_size))
+
+    def trait_scores(self, images, true):
+        """(B, 3, H, W) and the true traits of each image's person [B dicts {trait: value}] -> {"coarse_trait": (B,),
+        "fine_trait": (B,)}: the share of prepare.py's coarse / fine traits read off the detected face as the true
+        value."""
+        logits = self.read_traits(images)
+        hits = {t: torch.tensor([logits[t][b].argmax().item() == values.index(tr[t]) for b, tr in enumerate(true)])
+                for t, values in self.trait_values.items()}
+        return {f"{group}_trait": torch.stack([hits[t] for t in names]).float().mean(0).to(images.device)
+                for group, names in (("coarse", COARSE_TRAITS), ("fine", FINE_TRAITS))}
+
     def face_sim(self, generated, reference_crops):
         """FaceSim: detect the face in each generated image, crop, and take the cosine of id_eval embeddings
         with the reference crop. (B, 3, H, W), (B, 3, h, w) -> (B,)"""
@@ -275,11 +312,21 @@ def load_judge(path, device="cpu"):
 # Data
 
 
+def read_traits(data_dir):
+    """<data_dir>/traits.json of prepare.py -> {identity: {trait: value}}, or None for data written without it."""
+    path = os.path.join(data_dir, "traits.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["identities"]
+
+
 def load_split(data_dir, holdout_per_id):
     """Read every image, crop, box, attribute and identity into tensors. Returns dict of subsets train/held/test:
     images (N, 3, R, R) uint8, crops (N, 3, C, C) uint8, boxes (N, 4) pixels, attrs (N, A) class indices,
-    ids (N,) identity index (train identities 0..N-1; test identities numbered after them)."""
-    records = read_manifest(data_dir)
+    ids (N,) identity index (train identities 0..N-1; test identities numbered after them), and with traits.json
+    traits (N, T) class indices of the person's traits."""
+    records, traits = read_manifest(data_dir), read_traits(data_dir)
     names = sorted({r["identity"] for r in records if r["split"] == "train"})
     names += sorted({r["identity"] for r in records if r["split"] == "test"})
     index = {n: i for i, n in enumerate(names)}
@@ -308,8 +355,29 @@ def load_split(data_dir, holdout_per_id):
             attrs=torch.tensor([[ATTRIBUTES[a].index(r["attributes"][a]) for a in ATTRIBUTES] for r in rs]),
             ids=torch.tensor([index[r["identity"]] for r in rs]),
         )
+        if traits is not None:
+            out[key]["traits"] = torch.tensor([[TRAITS[t].index(traits[r["identity"]][t]) for t in TRAITS] for r in rs])
     n_train_ids = sum(1 for n in names if per_id[n][0]["split"] == "train")
     return out, n_train_ids
+
+
+def trait_training_set(meta, n_ids, seed):
+    """One image each of n_ids identities drawn for the trait readers alone, with prepare.py's identity, context and
+    rendering at the data's sizes from their own seed stream ([seed, 3, k]: not a train or test identity) -> dict of
+    images (N, 3, R, R) uint8, boxes (N, 4) pixels, traits (N, T) class indices."""
+    images, boxes, traits = [], [], []
+    for k in tqdm(range(n_ids), desc="trait-reader identities", leave=False, mininterval=1.0):
+        rng = np.random.default_rng([seed, 3, k])
+        t = prepare.sample_identity(rng)
+        attrs, jitter = prepare.sample_attributes(rng), tuple(rng.uniform(-0.02, 0.02, 3))
+        image, _, box = prepare.render(t, attrs, meta["resolution"], meta["crop_size"], meta["crop_scale"],
+                                       meta["config"]["supersample"], jitter, rng)
+        labels = prepare.trait_labels(t)
+        images.append(np.asarray(image))
+        boxes.append(box)
+        traits.append([TRAITS[name].index(labels[name]) for name in TRAITS])
+    return dict(images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), boxes=torch.tensor(boxes),
+                traits=torch.tensor(traits))
 
 
 def to_float(u8):
@@ -378,7 +446,10 @@ def fit(name, params, n, epochs, cfg, step_fn, seed):
 def main(cfg):
     """Train the judge (or reuse <data_dir>/judge.pt) and return its held-out metrics."""
     ckpt_path = os.path.join(cfg.data_dir, "judge.pt")
-    if os.path.isfile(ckpt_path) and not cfg.force:
+    if cfg.only_traits and not os.path.isfile(ckpt_path):
+        raise UserError(f"--only_traits=True adds trait readers to {ckpt_path}, which does not exist; train the whole "
+                        "judge: python -m data.synthfaces.judge")
+    if os.path.isfile(ckpt_path) and not cfg.force and not cfg.only_traits:
         log(f"{ckpt_path} exists; skipping training (--force=True retrains)")
         return load_checkpoint(ckpt_path)["metrics"]
     threads = torch.get_num_threads()
@@ -390,25 +461,42 @@ def main(cfg):
 
 
 def train(cfg, ckpt_path):
-    """Train all four nets on the train identities, evaluate on held-out images, save judge.pt + metrics."""
+    """Train every net on the train identities (with --only_traits, only the trait readers, the others loaded from
+    ckpt_path), evaluate on held-out images, save judge.pt + metrics."""
     t0 = time.time()
     meta = read_meta(cfg.data_dir)
     device = resolve_device(cfg.device)
     print(json.dumps(config_dict(cfg), indent=1))
     data, n_ids = load_split(cfg.data_dir, cfg.holdout_per_id)
+    if "traits" not in data["train"] and cfg.only_traits:
+        raise UserError(f"{cfg.data_dir}/traits.json not found: rerun python -m data.synthfaces.prepare (same seed: "
+                        "the same images, plus traits.json)")
     R = meta["resolution"]
     log(f"data: {len(data['train']['ids'])} train / {len(data['held']['ids'])} held-out images of {n_ids} train "
         f"identities, {len(data['test']['ids'])} images of test identities | {R}x{R}, "
         f"torch threads {torch.get_num_threads()}")
     judge_config = dict(resolution=R, id_size=cfg.id_size, crop_scale=meta["crop_scale"], embed_dim=cfg.embed_dim,
                         n_ids=n_ids, attributes=ATTRIBUTES, scene_width=cfg.scene_width, id_width=cfg.id_width)
+    if "traits" in data["train"]:
+        judge_config.update(traits=TRAITS, trait_size=cfg.trait_size)
+    nets, earlier = ["scene", "face", "id_loss", "id_eval"] + (["traits"] if "traits" in judge_config else []), {}
+    if cfg.only_traits:  # the other nets keep their trained weights (and the metrics they were trained with)
+        old = load_checkpoint(ckpt_path, map_location="cpu")
+        judge_config = old["judge_config"] | dict(traits=TRAITS, trait_size=cfg.trait_size)
+        nets, earlier = ["traits"], old["metrics"]
     judge = init_judge(judge_config, cfg.seed, device)
-    history = train_nets(judge, {k: v.to(device) for k, v in data["train"].items()}, cfg, device)
+    if cfg.only_traits:
+        judge.load_state_dict({k: v for k, v in old["model"].items() if not k.startswith("traits.")}, strict=False)
+    readers = None
+    if "traits" in nets:
+        readers = {k: v.to(device) for k, v in trait_training_set(meta, cfg.trait_ids, meta["seed"]).items()}
+    history = train_nets(judge, {k: v.to(device) for k, v in data["train"].items()}, cfg, device, nets, readers)
     train_time = time.time() - t0
     judge.eval().requires_grad_(False)
     metrics = evaluate(judge, data, device)
-    metrics.update(train_time_s=round(train_time, 1), history={k: [[round(loss, 4), round(a, 4)] for loss, a in v]
-                                                               for k, v in history.items()})
+    history = earlier.get("history", {}) | history
+    metrics.update(train_time_s=round(earlier.get("train_time_s", 0) + train_time, 1),
+                   history={k: [[round(loss, 4), round(a, 4)] for loss, a in v] for k, v in history.items()})
     save_checkpoint(dict(model=judge.state_dict(), judge_config=judge_config, config=config_dict(cfg),
                          metrics=metrics), ckpt_path)
     metrics_path = os.path.join(cfg.data_dir, "judge_metrics.json")
@@ -436,11 +524,13 @@ def read_meta(data_dir):
 
 def init_judge(judge_config, seed, device):
     """A new Judge in train mode; each net gets its own initialisation seed (scene: seed, id_loss: seed+1,
-    id_eval: seed+2, face attributes: seed+3), so changing one net leaves the others' starting weights alone."""
+    id_eval: seed+2, face attributes: seed+3, traits: seed+4), so changing one net leaves the others' starting
+    weights alone (and --only_traits starts the trait readers where a whole run does)."""
     torch.manual_seed(seed)
     judge = Judge(**judge_config).to(device)
     nets = [(seed, [judge.scene]), (seed + 1, [judge.id_loss, judge.loss_head]),
             (seed + 2, [judge.id_eval, judge.eval_head]), (seed + 3, [judge.face])]
+    nets += [(seed + 4, [judge.traits])] if judge.traits is not None else []
     for net_seed, modules in nets:
         torch.manual_seed(net_seed)
         for m in (m for module in modules for m in module.modules()):
@@ -449,9 +539,10 @@ def init_judge(judge_config, seed, device):
     return judge.train()
 
 
-def train_nets(judge, tr, cfg, device):
-    """The four training runs on the train tensors tr (load_split's "train", on device), in order: scene net, face
-    attribute net, id_loss, id_eval. Returns {net: [(mean loss, mean train accuracy) per epoch]}."""
+def train_nets(judge, tr, cfg, device, nets, readers=None):
+    """The training runs of `nets` on the train tensors tr (load_split's "train", on device), in this order: scene
+    net, face attribute net, id_loss, id_eval, and the trait readers on `readers` (trait_training_set, on device).
+    Returns {net: [(mean loss, mean train accuracy) per epoch]}."""
     n_train, history = len(tr["ids"]), {}
     col = {name: a for a, name in enumerate(ATTRIBUTES)}  # attribute -> column of tr["attrs"]
 
@@ -474,13 +565,15 @@ def train_nets(judge, tr, cfg, device):
         loss, acc = attribute_loss(logits, idx)
         return loss + cfg.box_weight * F.l1_loss(box, tr["boxes"][idx] / judge.resolution), acc
 
-    history["scene"] = fit("scene", judge.scene.parameters(), n_train, cfg.scene_epochs, cfg, scene_step, cfg.seed)
+    if "scene" in nets:
+        history["scene"] = fit("scene", judge.scene.parameters(), n_train, cfg.scene_epochs, cfg, scene_step, cfg.seed)
 
     # 2. face-attribute net, on crops
     def face_step(idx, gen):
         return attribute_loss(judge.face(face_crops(idx, gen)), idx)
 
-    history["face"] = fit("face", judge.face.parameters(), n_train, cfg.face_epochs, cfg, face_step, cfg.seed + 3)
+    if "face" in nets:
+        history["face"] = fit("face", judge.face.parameters(), n_train, cfg.face_epochs, cfg, face_step, cfg.seed + 3)
 
     # 3-4. identity nets: half the samples are image crops, half the stored reference crops, so that faces found
     # in generated images and `--face` references land in one embedding space
@@ -496,8 +589,21 @@ def train_nets(judge, tr, cfg, device):
 
     for which, net, head, seed in [("id_loss", judge.id_loss, judge.loss_head, cfg.seed + 1),
                                    ("id_eval", judge.id_eval, judge.eval_head, cfg.seed + 2)]:
-        params = list(net.parameters()) + list(head.parameters())
-        history[which] = fit(which, params, n_train, cfg.id_epochs, cfg, id_step(net, head), seed)
+        if which in nets:
+            params = list(net.parameters()) + list(head.parameters())
+            history[which] = fit(which, params, n_train, cfg.id_epochs, cfg, id_step(net, head), seed)
+
+    # 5. trait readers, on larger crops around jittered true boxes: one cross-entropy per trait of the person
+    def trait_step(idx, gen):
+        boxes = jitter_boxes(readers["boxes"][idx].cpu(), cfg.box_jitter, gen).to(device)
+        logits = judge.traits(judge.crop(to_float(readers["images"][idx]), boxes, judge.trait_size))
+        true = {name: readers["traits"][idx, t] for t, name in enumerate(TRAITS)}
+        loss = sum(F.cross_entropy(logits[name], true[name]) for name in TRAITS) / len(TRAITS)
+        return loss, float(np.mean([(logits[name].argmax(1) == true[name]).float().mean().item() for name in TRAITS]))
+
+    if "traits" in nets:
+        history["traits"] = fit("traits", judge.traits.parameters(), len(readers["traits"]), cfg.trait_epochs, cfg,
+                                trait_step, cfg.seed + 4)
     return history
 
 
@@ -532,6 +638,13 @@ def evaluate(judge, data, device, batch=256):
         ref = run(lambda x: judge.embed(to_float(x), which), test["crops"]).cpu()
         off = ~torch.eye(len(ids), dtype=torch.bool)
         m[f"test_auc_ref_{which}"] = round(roc_auc((ref @ e.T)[off], (ids[:, None] == ids[None, :])[off]), 4)
+    if judge.traits is not None and "traits" in test:  # on the detected faces of never-seen identities
+        logits = run(lambda x: judge.read_traits(to_float(x)), test["images"])
+        for t, name in enumerate(TRAITS):
+            true = test["traits"][:, t]
+            m.setdefault("trait_acc", {})[name] = round(
+                torch.cat([o[name].argmax(1).cpu() for o in logits]).eq(true).float().mean().item(), 4)
+            m.setdefault("trait_chance", {})[name] = round(true.bincount().max().item() / len(true), 4)
     return m
 
 

@@ -15,8 +15,9 @@ output byte is a function of the config, whatever the number of workers):
   python -m data.synthfaces.prepare --resolution=128 --crop_size=128 --out_dir=data/synthfaces/out128
 
 Outputs in out_dir: images/<id>_<k>.png, crops/<id>_<k>.png, manifest.jsonl (one image per line), tokenizer.json
-(word-level, T5 special tokens <pad>=0 </s>=1 <unk>=2, appends </s>), meta.json, contact_sheet.png (rows = identities,
-cols = contexts; also copied to assets/). The manifest follows data/manifest.py (read it with read_manifest); the
+(word-level, T5 special tokens <pad>=0 </s>=1 <unk>=2, appends </s>), traits.json (every identity's traits as class
+labels, for the judge's trait readers), meta.json, contact_sheet.png (rows = identities, cols = contexts; also copied
+to assets/). The manifest follows data/manifest.py (read it with read_manifest); the
 attribute vocabulary, the captions and the tokenizer are defined in data/synthfaces/captions.py.
 """
 
@@ -80,8 +81,8 @@ POSITION_FRAC = {"left": 0.33, "center": 0.50, "right": 0.67}  # face centre x /
 
 def sample_identity(rng):
     """Draw the fixed traits of one identity. Lengths are in units of the face half-width a / half-height b."""
-    t = {}
-    tone = np.array(SKIN_TONES[rng.integers(len(SKIN_TONES))]) + rng.integers(-10, 11, 3)
+    t = {"skin_tone": int(rng.integers(len(SKIN_TONES)))}
+    tone = np.array(SKIN_TONES[t["skin_tone"]]) + rng.integers(-10, 11, 3)
     t["skin"] = tuple(int(c) for c in np.clip(tone, 0, 255))
     t["aspect"] = rng.uniform(0.68, 0.86)  # face width / height
     t["squareness"] = rng.uniform(2.0, 3.4)  # superellipse exponent of the face outline (2 = ellipse)
@@ -114,6 +115,29 @@ def sample_identity(rng):
     t["moles"] = [_free_spot(rng, t) + (rng.uniform(0.55, 0.85),) for _ in range(rng.integers(1, 5))]
     t["freckles"] = [_free_spot(rng, t) for _ in range(rng.integers(6, 13) if rng.random() < 0.4 else 0)]
     return t
+
+
+# The identity traits a trait reader can be scored on (data/synthfaces/judge.py), as class labels. Coarse traits span
+# many pixels; fine traits are the 1-2 px ones only the finest token scales carry (the iris, freckles, moles).
+TRAITS = {"skin": [f"tone {k + 1}" for k in range(len(SKIN_TONES))],
+          "hair_color": ["black", "dark brown", "light brown", "blond", "red", "grey", "white"],
+          "hair_style": HAIR_STYLES, "eye_shape": ["round", "almond", "narrow"], "nose": ["line", "triangle", "button"],
+          "ears": ["round", "pointed", "long"], "facial_hair": ["none", "moustache", "beard", "goatee"],
+          "iris": ["brown", "blue", "green", "grey", "amber", "black"], "freckles": ["no", "yes"],
+          "moles": ["1", "2", "3", "4"]}
+COARSE_TRAITS = ["skin", "hair_color", "hair_style", "eye_shape", "nose", "ears", "facial_hair"]
+# the fine traits a reader can score: the judge's readers read the mole count (1-4 dots of about 2 px among up to 12
+# freckles) no better than always guessing the commonest count, so "moles" is recorded but left out of the summary
+FINE_TRAITS = ["iris", "freckles"]
+
+
+def trait_labels(t):
+    """sample_identity's traits -> {trait: value of TRAITS[trait]}."""
+    index = dict(skin=t["skin_tone"], hair_color=HAIR_COLORS.index(t["hair"]),
+                 hair_style=HAIR_STYLES.index(t["hair_style"]), eye_shape=EYE_SHAPES.index(t["eye_ratio"]),
+                 nose=t["nose_type"], ears=t["ear_shape"], facial_hair=TRAITS["facial_hair"].index(t["facial_hair"]),
+                 iris=IRIS_COLORS.index(t["iris"]), freckles=int(len(t["freckles"]) > 0), moles=len(t["moles"]) - 1)
+    return {name: TRAITS[name][index[name]] for name in TRAITS}
 
 
 def _free_spot(rng, t):
@@ -470,7 +494,7 @@ def _render_identity(job):
         records.append(dict(path=path, crop_path=crop_path, identity=name, split=split, attributes=attrs,
                             caption_short=build_caption(attrs), caption_long=build_caption(attrs, long=True),
                             face_box=face_box))
-    return records
+    return records, trait_labels(traits)
 
 
 def contact_sheet(cfg, rows):
@@ -512,11 +536,16 @@ def main(cfg):
             per_id = list(pool.imap(_render_identity, jobs, chunksize=4))
     else:
         per_id = [_render_identity(job) for job in jobs]
-    records = [r for rs in per_id for r in rs]
+    records = [r for rs, _ in per_id for r in rs]
     with open(os.path.join(cfg.out_dir, "manifest.jsonl"), "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     log(f"rendered {len(records)} images of {len(jobs)} identities in {time.time() - t0:.1f}s ({workers} workers)")
+
+    traits = dict(coarse=COARSE_TRAITS, fine=FINE_TRAITS, values=TRAITS,
+                  identities={job[2]: labels for job, (_, labels) in zip(jobs, per_id)})
+    with open(os.path.join(cfg.out_dir, "traits.json"), "w") as f:
+        f.write(json.dumps(traits, indent=1) + "\n")
 
     tok = build_tokenizer()
     tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
