@@ -185,9 +185,9 @@ def build_model(cfg, vae, face_enc, global_enc, resumed, master):
         load_strict(text_enc, base_ckpt["text_encoder"], base)
     if resumed is not None:  # the architecture comes from the checkpoint
         hear = hear_model.HEARTransformer(hear_model.ModelConfig(**resumed["model_config"]))
-        hear.load_state_dict(resumed["model"])
+        load_strict(hear, resumed["model"], os.path.join(cfg.out_dir, "ckpt.pt"))
         if train_text:
-            text_enc.load_state_dict(resumed["text_encoder"])
+            load_strict(text_enc, resumed["text_encoder"], os.path.join(cfg.out_dir, "ckpt.pt"))
     else:
         global_dim = face_enc.cfg.codebook_dim if global_enc is None else global_enc.clip.config.projection_dim
         official = cfg.init_from.removeprefix("infinity:") if cfg.init_from.startswith("infinity:") else None

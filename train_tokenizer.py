@@ -45,7 +45,7 @@ class Config:
     image_size: int = 64  # training/eval resolution (square)
     # optimisation
     batch_size: int = 16  # global batch (split over DDP ranks)
-    max_iters: int = 350  # optimizer steps (synthfaces: ~5.5 min on the slower 2-core CPU; the quick start's budget)
+    max_iters: int = 350  # optimizer steps (synthfaces: what the from-scratch quick start's time bound leaves)
     learning_rate: float = 2e-3  # AdamW peak lr
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
     warmup_iters: int = 50  # linear warmup steps
