@@ -27,7 +27,7 @@ import time
 import torch
 
 from common import UserError, cli, log, run_info, setup_device
-from data.curation import write_atomic
+from data.curation import read_prompt_lines, write_atomic
 from data.manifest import geometry, load_image, read_manifest
 from metrics import evaluate_tokenizer, judge_scores, line_plot, per_scale_scores, summarize
 from pipeline import (check_output, check_prompt, face_paths, generate, hf_scale_sides, load_run, load_tokenizer,
@@ -85,6 +85,17 @@ def write_table(table, cfg):
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
         write_atomic(cfg.out, table + "\n")  # never a half-written table
     return table
+
+
+COLUMNS = {"face_sim": "FaceSim", "top1": "identity top-1", "prompt_acc": "prompt adherence",
+           "coarse_trait": "coarse traits", "fine_trait": "fine traits"}  # generation metrics: key -> column
+
+
+def metric_table(first, rows):
+    """{row label: {metric: value}} -> markdown lines: a column per COLUMNS key the rows have, in COLUMNS order."""
+    keys = [k for k in COLUMNS if k in next(iter(rows.values()))]
+    lines = [f"| {first} | " + " | ".join(COLUMNS[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    return lines + [f"| {label} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |" for label, m in rows.items()]
 
 
 def write_json(numbers, cfg):
@@ -151,15 +162,6 @@ def plot_curves(metrics_path, png_path, width=640, height=300):
 # Generation on held-out identities (Table 1 / 3 style)
 
 
-def held_out_traits(cfg, judge, ids):
-    """The true traits of each held-out identity [N dicts] (traits.json of synthfaces), or None when the data has no
-    traits.json or the judge no trait readers (the trait columns are then left out)."""
-    from data.synthfaces.judge import read_traits
-
-    traits = read_traits(cfg.data_dir)
-    return None if traits is None or judge.traits is None else [traits[i] for i in ids]
-
-
 def held_out_identities(cfg, face_size, device):
     """-> (identity ids, {id: records}, reference crops (N, 3, S, S)): every test identity with a reference image
     (its image 0) and at least one other image whose caption is a prompt."""
@@ -202,8 +204,7 @@ def eval_generation(cfg, device):
     same real images through the tokenizer (the tokenizer's ceiling) and real images of another identity (chance)."""
     judge, run = load_judge_or_fail(cfg, device), load_run(cfg.ckpt, device)
     size = run.config["image_size"]
-    ids, by_id, refs = held_out_identities(cfg, run.config["face_size"], device)
-    ref_embs, traits = judge.embed(refs, "eval"), held_out_traits(cfg, judge, ids)  # (N, E): one crop per identity
+    ids, by_id, refs, ref_embs, traits = held_out_set(cfg, run, judge, device)  # one reference crop per identity
     rows, gen, seconds, n_img = {}, torch.Generator(device=device).manual_seed(cfg.seed), 0.0, 0
     paths = run.model.hear.cfg.use_global_face or run.model.hear.cfg.use_hf_adapter  # a base model has none
     first = "HEAR (face + prompt)" if paths else "base model (prompt only)"
@@ -226,12 +227,8 @@ def eval_generation(cfg, device):
             true = None if traits is None else [traits[n]] * len(recs)  # the reference person's traits
             for k, v in judge_scores(judge, x, ref_embs, own, attrs, true).items():
                 rows.setdefault(name, {}).setdefault(k, []).append(v.cpu())
-    columns = [("face_sim", "FaceSim"), ("top1", "identity top-1"), ("prompt_acc", "prompt adherence")]
-    columns += [("coarse_trait", "coarse traits"), ("fine_trait", "fine traits")] if traits else []
-    table = ["| images | " + " | ".join(c for _, c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     means = {name: summarize(m) for name, m in rows.items()}
-    for name, m in means.items():
-        table.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k, _ in columns) + " |")
+    table = metric_table("images", means)
     table.append(f"\n{len(ids)} held-out identities x {cfg.prompts_per_identity} prompts, cfg {cfg.guidance}, "
                  f"tau {cfg.tau}, top-1 chance {1 / len(ids):.3f}, {seconds / n_img:.3f} s per generated image "
                  "(decoder included)" + ("; coarse / fine traits: the share of the reference person's traits the "
@@ -272,23 +269,6 @@ def eval_gallery(cfg, device):
     return path, strip_path
 
 
-def read_prompts(path):
-    """--prompts: UTF-8 text, one prompt per line (blank lines and # comments skipped) -> list; one-line errors."""
-    if not os.path.isfile(path):
-        raise UserError(f"--prompts={path} not found: a UTF-8 text file with one prompt per line")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError as e:
-        line = e.object[: e.start].count(b"\n") + 1
-        raise UserError(f"--prompts={path} line {line}: byte {e.object[e.start]:#x} is not UTF-8; save the file as "
-                        "UTF-8") from None
-    prompts = [s.strip() for s in lines if s.strip() and s.strip()[0] != "#"]
-    if not prompts:
-        raise UserError(f"--prompts={path} holds no prompt (one per line)")
-    return prompts
-
-
 @torch.no_grad()
 def eval_photos(cfg, device):
     """Table 1 on real photos: one image per (reference photo, prompt) pair at batch 1, seed + pair index, from the
@@ -296,7 +276,7 @@ def eval_photos(cfg, device):
     import face_detect as fd
     import metrics as mt
 
-    prompts = read_prompts(cfg.prompts)
+    prompts = read_prompt_lines(cfg.prompts, "--prompts")
     if cfg.face_detector == "none":
         raise UserError("--face_detector=none: FaceSim needs a face backend (auto, insightface or dlib)")
     if not (cfg.guidance >= 0 and math.isfinite(cfg.id_scale)):
@@ -343,9 +323,12 @@ def eval_photos(cfg, device):
 
 def held_out_set(cfg, run, judge, device):
     """-> (identity ids, {id: records}, reference crops (N, 3, S, S), their evaluator embeddings (N, E), their true
-    traits [N dicts] or None)."""
+    traits [N dicts] (traits.json of synthfaces), or None without traits.json or trait readers: no trait columns)."""
+    from data.synthfaces.judge import read_traits
+
     ids, by_id, refs = held_out_identities(cfg, run.config["face_size"], device)
-    return ids, by_id, refs, judge.embed(refs, "eval"), held_out_traits(cfg, judge, ids)
+    traits = read_traits(cfg.data_dir) if judge.traits is not None else None
+    return ids, by_id, refs, judge.embed(refs, "eval"), traits and [traits[i] for i in ids]
 
 
 @torch.no_grad()
@@ -376,10 +359,8 @@ def eval_per_scale(cfg, device):
                       hf_from_scale=cfg.hf_from_scale)
     curves = {k: s[f"per_scale_{k}"].mean(1).tolist() for k in ("face_sim", "coarse_trait", "fine_trait")
               if f"per_scale_{k}" in s}  # {metric: [K values]}
-    names = {"face_sim": "FaceSim", "coarse_trait": "coarse traits", "fine_trait": "fine traits"}
-    table = ["| scales decoded (k) | " + " | ".join(names[k] for k in curves) + " |", "|---" * (len(curves) + 1) + "|"]
-    table += [f"| {k + 1} | " + " | ".join(f"{v[k]:.4f}" for v in curves.values()) + " |"
-              for k in range(len(curves["face_sim"]))]
+    table = metric_table("scales decoded (k)", {k + 1: {m: v[k] for m, v in curves.items()}
+                                                for k in range(len(curves["face_sim"]))})
     n = s["per_scale_face_sim"].shape[1]
     table.append(f"\n{cfg.ckpt} (step {run.step}), id_scale {cfg.id_scale}, hf_from_scale {cfg.hf_from_scale}, {n} "
                  "images; k = K is the final image")
@@ -399,17 +380,12 @@ def eval_strength(cfg, device):
     curves = {"id_scale": [(v, dict(id_scale=v)) for v in cfg.id_scales],
               "hf_from_scale": [(k, dict(id_scale=cfg.id_scale, hf_from_scale=k)) for k in range(K + 1)]}
     numbers, table = {"num_scales": K, "ckpt": cfg.ckpt, "id_scale": cfg.id_scale}, []
-    columns = {"face_sim": "FaceSim", "top1": "identity top-1", "prompt_acc": "prompt adherence"}
-    columns |= {"coarse_trait": "coarse traits", "fine_trait": "fine traits"} if held_out[4] else {}
     for name, settings in curves.items():
-        numbers[name] = {"values": [v for v, _ in settings]} | {k: [] for k in columns}
-        table += [f"| {name} | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
-        for v, knobs in settings:
-            m = {k: float(x.mean()) for k, x in score_setting(cfg, run, judge, held_out, **knobs).items()}
-            for k in columns:
-                numbers[name][k].append(m[k])
-            table.append(f"| {v:g} | " + " | ".join(f"{m[k]:.4f}" for k in columns) + " |")
-        table.append("")
+        rows = {f"{v:g}": {k: float(x.mean()) for k, x in score_setting(cfg, run, judge, held_out, **knobs).items()
+                           if k in COLUMNS} for v, knobs in settings}
+        numbers[name] = {"values": [v for v, _ in settings]} | {k: [m[k] for m in rows.values()] for k in
+                                                                 next(iter(rows.values()))}
+        table += metric_table(name, rows) + [""]
     table.append(f"{cfg.ckpt} (step {run.step}): {len(held_out[0])} held-out identities x {cfg.prompts_per_identity} "
                  f"prompts per setting, cfg {cfg.guidance}; hf_from_scale k: the adapter acts from scale k on at "
                  f"id_scale {cfg.id_scale} (0: every scale, {K}: none)")
@@ -434,7 +410,7 @@ def eval_references(cfg, device):
     targets = torch.nn.functional.normalize(targets, dim=1)  # (N, E)
     rows = [("null face (prompt only)", 1, "mean")] + [(f"{k} ref., {m}", k, m) for k in cfg.reference_counts
                                                        for m in ("mean", "concat") if k > 1 or m == "mean"]
-    table, numbers = ["| references | FaceSim | identity top-1 | prompt adherence |", "|---|---|---|---|"], {}
+    numbers = {}
     for name, k, mode in rows:
         gen, m = torch.Generator(device=device).manual_seed(cfg.seed), {}
         for n, i in enumerate(ids):
@@ -446,8 +422,7 @@ def eval_references(cfg, device):
             for key, v in judge_scores(judge, images, targets, own, [r["attributes"] for r in recs]).items():
                 m.setdefault(key, []).append(v.cpu())
         numbers[name] = summarize(m)
-        table.append(f"| {name} | {numbers[name]['face_sim']:.4f} | {numbers[name]['top1']:.4f} | "
-                     f"{numbers[name]['prompt_acc']:.4f} |")
+    table = metric_table("references", numbers)
     table.append(f"\n{cfg.ckpt} (step {run.step}): {len(ids)} held-out identities x {P} prompts, cfg {cfg.guidance}, "
                  f"seed {cfg.seed} for every row; top-1 chance {1 / len(ids):.3f}")
     table = write_table("\n".join(table), cfg)

@@ -471,21 +471,13 @@ class HEARTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def estimate_flops_per_token(self, schedule, text_len=0, num_global_tokens=0, num_hf_tokens=0):
-        """Training FLOPs per image token (forward + backward) [PaLM App. B]: 6 N + 12 * depth * C * keys, the one
-        count behind train.py's and bench.py's MFU.
-        N: the parameters every image token passes through: the blocks, word_embed and head, without the
-        cross-attention K/V projections (mat_kv, mat_kv_hf and their V biases), which run on the text and face tokens,
-        and without head_nm, whose AdaLN reads the pooled caption once per sample (the blocks' few gains and AdaLN
-        offsets count like weights, a fraction of a percent). 6 = 2 (multiply-add) x 3 (forward, backward to the
-        activations, backward to the weights).
-        keys: the keys one image query attends to in a block; each costs 4 C forward (Q K^T and the weighted sum of
-        V), x 3 with the backward = 12 C. keys = seen + text_len + num_global_tokens + num_hf_tokens:
-          seen: the mean number of image tokens a query sees under the block-causal mask (its own and all earlier
-            scales): model FLOPs, whether the kernel skips the masked tiles (FlexAttention) or not (SDPA's mask)
-          text_len: caption tokens as padded in the batch (the key-padding mask does not shorten SDPA's work)
-          num_global_tokens: global face tokens v_g, joined to the text keys (Eq. (3))
-          num_hf_tokens: high-frequency face tokens v_hf of the decoupled cross-attention, same query (Eq. (6))
-        Per-sample work (text and face projections, the shared AdaLN) and the text and face encoders are left out."""
+        """Training FLOPs per image token (forward + backward) [PaLM App. B], the one count behind train.py's and
+        bench.py's MFU (docs/performance.md): 6 N + 12 * depth * C * keys. N: the parameters every image token passes
+        through (blocks, word_embed, head; not the cross-attention K/V projections, which run on text and face tokens,
+        nor head_nm's once-per-sample AdaLN). keys: what one image query attends to in a block = the mean number of
+        image tokens the block-causal mask shows it (model FLOPs, whatever the kernel skips) + text_len (as padded) +
+        num_global_tokens (joined to the text, Eq. (3)) + num_hf_tokens (the adapter's keys, Eq. (6)). Per-sample
+        work (text and face projections, the shared AdaLN) and the encoders are left out."""
         sizes = [h * w for h, w in schedule]
         seen = sum(s * sum(sizes[: k + 1]) for k, s in enumerate(sizes)) / sum(sizes)  # mean visible self-attn keys
         per_token = [p.numel() for n, p in self.named_parameters() if n.startswith(("blocks.", "word_embed.", "head."))
@@ -614,7 +606,6 @@ class HEARTransformer(nn.Module):
         text = torch.cat([F.pad(t.to(text), (0, 0, 0, T - t.shape[1])) for t in (text, negative_text)])  # (2B, T, Ct)
         lens = torch.cat((text_lens, negative_lens.to(text_lens)))
         face_global = None if face_global is None else torch.cat((face_global, torch.zeros_like(face_global)))
-        # face_hf keeps its B rows: the unconditional rows' zero face tokens are CrossAttention.hf_attention's shortcut
         return self.encode_condition(text, lens, face_global, face_hf)
 
     @torch.no_grad()

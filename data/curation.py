@@ -114,18 +114,29 @@ def list_files(inputs):
     return out
 
 
-def read_prompts(path, count, seed, prefix):
-    """Prompt file (UTF-8, one prompt per line) -> {<prefix>/<j>.png: {key, prompt, index}} for j < count (0 = one
-    per line); image j uses line order[j % lines] of a seeded random order (the paper draws 50k prompts at random)."""
+def read_prompt_lines(path, flag):
+    """A prompt file (UTF-8, one prompt per line; blank lines and # comments skipped) -> [prompts]; a missing,
+    unreadable, non-UTF-8 or empty file is a one-line error naming the command-line flag it came from."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"--synth_prompts={path} is not UTF-8 text (byte {e.start}: {e.object[e.start]:#x})") from None
+        line = e.object[: e.start].count(b"\n") + 1
+        raise UserError(f"{flag}={path} line {line}: byte {e.object[e.start]:#x} is not UTF-8; save the file as "
+                        "UTF-8") from None
     except OSError as e:
-        raise UserError(f"--synth_prompts={path}: cannot read it ({e.strerror})") from None
+        raise UserError(f"{flag}={path}: cannot read it ({e.strerror}); give a UTF-8 text file, one prompt per line") \
+            from None
+    lines = [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
     if not lines:
-        raise UserError(f"--synth_prompts={path} holds no prompt")
+        raise UserError(f"{flag}={path} holds no prompt (one per line)")
+    return lines
+
+
+def read_prompts(path, count, seed, prefix):
+    """Prompt file (read_prompt_lines) -> {<prefix>/<j>.png: {key, prompt, index}} for j < count (0 = one per line);
+    image j uses line order[j % lines] of a seeded random order (the paper draws 50k prompts at random)."""
+    lines = read_prompt_lines(path, "--synth_prompts")
     order = random.Random(seed).sample(range(len(lines)), len(lines))
     keys = [f"{prefix}/{j:06d}.png" for j in range(count or len(lines))]
     return {k: {"key": k, "prompt": lines[order[j % len(lines)]], "index": j} for j, k in enumerate(keys)}

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from skimage.data import astronaut
 
-import eval as hear_eval
 import face_detect as fd
+from data.curation import read_prompt_lines  # eval.py --prompts, curate.py --synth_prompts
 import sample
 from checkpoint import save_checkpoint
 from common import UserError, parse_config
@@ -144,11 +144,15 @@ def test_small_face_and_long_prompt_warn_in_one_line(tiny, tmp_path, capsys):
 
 def test_prompt_file_that_is_not_utf8(tmp_path):
     (tmp_path / "p.txt").write_bytes("a face on red\nun caf\u00e9\n".encode("latin-1"))
-    with pytest.raises(UserError, match=r"p.txt line 2: byte 0xe9 is not UTF-8; save the file as UTF-8"):
-        hear_eval.read_prompts(str(tmp_path / "p.txt"))
+    with pytest.raises(UserError, match=r"--prompts=.*p.txt line 2: byte 0xe9 is not UTF-8; save the file as UTF-8"):
+        read_prompt_lines(str(tmp_path / "p.txt"), "--prompts")
     (tmp_path / "p.txt").write_text("# only a comment\n\n   \n")
     with pytest.raises(UserError, match="holds no prompt"):
-        hear_eval.read_prompts(str(tmp_path / "p.txt"))
+        read_prompt_lines(str(tmp_path / "p.txt"), "--prompts")
+    with pytest.raises(UserError, match="cannot read it"):
+        read_prompt_lines(str(tmp_path / "missing.txt"), "--prompts")
+    (tmp_path / "p.txt").write_text("# Table 1\n a face on red \n\nun caf\u00e9\n", encoding="utf-8")
+    assert read_prompt_lines(str(tmp_path / "p.txt"), "--prompts") == ["a face on red", "un caf\u00e9"]
 
 
 def test_bad_checkpoints(tiny, tmp_path):

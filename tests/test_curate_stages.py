@@ -177,7 +177,8 @@ def test_bad_input_is_one_line(models, tmp_path, one_thread):
     fails(r"no usable image .*'not an image': 1", f"--inputs={tmp_path / 'texts'}", f"--out_dir={tmp_path}/o1", vlm)
     folder = make_folder(str(tmp_path / "raw"))
     (tmp_path / "latin1.txt").write_bytes("une femme souriante, \xe9t\xe9\n".encode("latin-1"))
-    fails(r"is not UTF-8 text \(byte 21: 0xe9\)", f"--inputs={folder}", f"--synth_prompts={tmp_path}/latin1.txt",
+    fails(r"latin1.txt line 1: byte 0xe9 is not UTF-8", f"--inputs={folder}",
+          f"--synth_prompts={tmp_path}/latin1.txt",
           "--stage=scan")
     base = [f"--inputs={folder}", "--face_detector=none", "--max_new_tokens=8", f"--out_dir={tmp_path}/o2"]
     fails(r"--vlm_model='/no/such/folder' is not a model folder", *base, "--vlm_model=/no/such/folder")
