@@ -244,12 +244,13 @@ def paired_differences(numbers, reference):
 
 
 def write_tables(cfg, record, part, runs, head=""):
-    """runs [(label, variant, faces)], the first the reference -> <part>.md (head; the seed table of the "HEAR (face +
-    prompt)" rows of each run's generation.json; the reference minus every other row, paired by seed) and
+    """runs [(label, variant, faces)], the first the reference -> <part>.md (head; the seed table of each run's own row
+    of its generation.json, the first: "HEAR (face + prompt)", or "base model (prompt only)" for a run without identity
+    paths; the reference minus every other row, paired by seed) and
     <part>.json (the numbers and differences; the commands of the part and of its runs, with their CPU time and its
     total; commit; machine)."""
     dirs = {label: [run_dir(cfg, variant, s, faces) for s in range(cfg.seeds)] for label, variant, faces in runs}
-    rows, numbers = seed_table({label: [json.load(open(f"{d}/generation.json"))["rows"]["HEAR (face + prompt)"]
+    rows, numbers = seed_table({label: [next(iter(json.load(open(f"{d}/generation.json"))["rows"].values()))
                                         for d in ds if os.path.isfile(f"{d}/generation.json")]
                                 for label, ds in dirs.items()})
     reference = runs[0][0]

@@ -115,8 +115,9 @@ def test_seed_table_and_paired_differences_of_fake_runs(tmp_path):
     for (variant, seed), v in runs.items():
         os.makedirs(study.run_dir(cfg, variant, seed))
         row = {"face_sim": v, "top1": 2 * v, "coarse_trait": 0.5 + v, "fine_trait": v / 2, "prompt_acc": 0.5}
+        own = "base model (prompt only)" if variant == "text_only" else "HEAR (face + prompt)"  # eval.py's first row
         with open(f"{study.run_dir(cfg, variant, seed)}/generation.json", "w") as f:
-            json.dump({"rows": {"HEAR (face + prompt)": row, "null face (prompt only)": {}}}, f)
+            json.dump({"rows": {own: row, "null face (prompt only)": {}}}, f)
     record = {"commit": "abc", "machine": {}, "study_command": "python study.py", "commands": {}}
     study.write_tables(cfg, record, "table3", [(v[0], k, "face_encoder") for k, v in reversed(study.VARIANTS.items())])
     rows = open(f"{cfg.out_dir}/table3.md").read().splitlines()
