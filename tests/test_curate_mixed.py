@@ -17,7 +17,7 @@ import train
 from common import parse_config
 from conftest import write_tokenizer_ckpt, write_vocab
 from data.manifest import read_manifest
-from data.synthfaces.prepare import identity_rng, render, sample_attributes, sample_identity
+from data.synthfaces.draw import identity_rng, render, sample_attributes, sample_identity
 from test_curate_models import SCRIPT, config, tiny_vlm
 from test_curate_stages import bomb_png
 

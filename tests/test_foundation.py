@@ -27,7 +27,7 @@ from common import parse_config
 from data.synthfaces import prepare as P
 from data.manifest import load_image
 from data.synthfaces.judge import load_judge, read_traits
-from data.synthfaces.prepare import COARSE_TRAITS, FINE_TRAITS
+from data.synthfaces.draw import COARSE_TRAITS, FINE_TRAITS
 from pipeline import load_run, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

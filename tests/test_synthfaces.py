@@ -15,6 +15,7 @@ from common import UserError, parse_config
 from data.manifest import read_manifest
 from data.synthfaces import captions as C
 from data.synthfaces import judge as J
+from data.synthfaces import draw as D
 from data.synthfaces import prepare as P
 
 
@@ -88,7 +89,7 @@ def test_captions_agree_with_attributes(data_dir):
     rng = np.random.default_rng(0)
     pairs = [(r["attributes"], r["caption_short"], r["caption_long"]) for r in records]
     for _ in range(300):  # and many more contexts than the tiny data holds
-        attrs = P.sample_attributes(rng)
+        attrs = D.sample_attributes(rng)
         pairs.append((attrs, C.build_caption(attrs), C.build_caption(attrs, long=True)))
     for attrs, short, long in pairs:
         assert C.parse_caption(short) == attrs and C.parse_caption(long) == attrs
@@ -101,10 +102,10 @@ def test_face_box_contains_the_face():
     """Flat style, even light: every pixel of exactly the skin colour lies in the box, and the skin spans it."""
     rng = np.random.default_rng(1)
     for k in range(12):
-        traits = P.sample_identity(np.random.default_rng([5, k]))
-        attrs = dict(P.sample_attributes(rng), style="flat", lighting="even", accessory="none", accessory_color="none",
+        traits = D.sample_identity(np.random.default_rng([5, k]))
+        attrs = dict(D.sample_attributes(rng), style="flat", lighting="even", accessory="none", accessory_color="none",
                      position=C.ATTRIBUTES["position"][k % 3], size=C.ATTRIBUTES["size"][k // 3 % 3])
-        image, crop, (x0, y0, x1, y1) = P.render(traits, attrs, resolution=64, jitter=tuple(rng.uniform(-.02, .02, 3)))
+        image, crop, (x0, y0, x1, y1) = D.render(traits, attrs, resolution=64, jitter=tuple(rng.uniform(-.02, .02, 3)))
         skin = np.abs(np.asarray(image, np.int32) - np.array(traits["skin"])).max(axis=2) <= 2  # (H, W)
         ys, xs = np.nonzero(skin)
         assert len(xs) > 50
@@ -146,11 +147,11 @@ def test_traits_json_holds_each_identitys_drawn_traits(data_dir):
     assert sorted(traits) == names
     for split, n in (("train", meta["counts"]["train_ids"]), ("test", meta["counts"]["test_ids"])):
         for k in range(n):
-            t = P.sample_identity(P.identity_rng(meta["seed"], split, k))
+            t = D.sample_identity(D.identity_rng(meta["seed"], split, k))
             name = f"id{k + (0 if split == 'train' else meta['counts']['train_ids']):04d}"
-            assert traits[name] == P.trait_labels(t)
-            assert all(traits[name][key] in P.TRAITS[key] for key in P.TRAITS)
-            tone = P.SKIN_TONES[P.TRAITS["skin"].index(traits[name]["skin"])]
+            assert traits[name] == D.trait_labels(t)
+            assert all(traits[name][key] in D.TRAITS[key] for key in D.TRAITS)
+            tone = D.SKIN_TONES[D.TRAITS["skin"].index(traits[name]["skin"])]
             assert max(abs(a - b) for a, b in zip(t["skin"], tone)) <= 10
 
 
@@ -189,11 +190,11 @@ def test_judge_api(trained, data_dir):
     sim = judge.face_sim(images, crops)
     assert sim.shape == (4,) and (sim.abs() <= 1 + 1e-5).all()
     logits = judge.read_traits(images)
-    assert {k: tuple(v.shape) for k, v in logits.items()} == {k: (4, len(v)) for k, v in P.TRAITS.items()}
+    assert {k: tuple(v.shape) for k, v in logits.items()} == {k: (4, len(v)) for k, v in D.TRAITS.items()}
     true = [J.read_traits(data_dir)[r["identity"]] for r in records]
     scores = judge.trait_scores(images, true)  # the share of each image's coarse / fine traits read right
-    for group, names in (("coarse_trait", P.COARSE_TRAITS), ("fine_trait", P.FINE_TRAITS)):
-        hits = [[logits[t][b].argmax().item() == P.TRAITS[t].index(true[b][t]) for t in names] for b in range(4)]
+    for group, names in (("coarse_trait", D.COARSE_TRAITS), ("fine_trait", D.FINE_TRAITS)):
+        hits = [[logits[t][b].argmax().item() == D.TRAITS[t].index(true[b][t]) for t in names] for b in range(4)]
         assert scores[group].tolist() == pytest.approx([sum(h) / len(names) for h in hits])
     # id_loss is differentiable w.r.t. its input image (it will train the face encoder); the weights stay frozen
     x = images.clone().requires_grad_(True)

@@ -11,10 +11,10 @@ TRAIN identities only, once, and cached next to the data in <data_dir>/judge.pt.
            w.r.t. its input image)
   id_eval  identity embedding, residual net, seed+2: the FaceSim evaluator. A different architecture and seed, so the
            generator is never scored by the network it was trained against (design.md section 5)
-  traits   one CNN on a larger face crop (trait_size), seed+4: one head per identity trait of prepare.TRAITS (coarse:
+  traits   one CNN on a larger face crop (trait_size), seed+4: one head per identity trait of draw.TRAITS (coarse:
            skin, hair, eyes, nose, ears, facial hair; fine: iris, freckles; also the mole count, read at chance), so
            a generated face can be checked trait by trait against the reference person's true traits (traits.json
-           of prepare.py). Trained on trait_ids identities drawn for it alone (prepare.py's drawing, its own seed
+           of prepare.py). Trained on trait_ids identities drawn for it alone (draw.py, its own seed
            stream): 300 identities are too few to learn a trait rather than the person who has it
 
 Both identity nets see square face crops (face_detect.square_crop: side = crop_scale * max(box w, h), the framing
@@ -57,8 +57,8 @@ from checkpoint import load_checkpoint, load_strict, save_checkpoint
 from common import UserError, cli, config_dict, log, lr_schedule, resolve_device
 from data.manifest import read_manifest
 from data.synthfaces.captions import ATTRIBUTES
-from data.synthfaces import prepare
-from data.synthfaces.prepare import COARSE_TRAITS, FINE_TRAITS, TRAITS
+from data.synthfaces import draw
+from data.synthfaces.draw import COARSE_TRAITS, FINE_TRAITS, TRAITS
 
 
 @dataclass
@@ -280,11 +280,11 @@ class Judge(nn.Module):
         boxes = self.detect(images) if boxes is None else boxes
         return self.traits(self.crop(images, boxes, self.trait_size))
 
-    def trait_scores(self, images, true):
+    def trait_scores(self, images, true, boxes=None):
         """(B, 3, H, W) and the true traits of each image's person [B dicts {trait: value}] -> {"coarse_trait": (B,),
-        "fine_trait": (B,)}: the share of prepare.py's coarse / fine traits read off the detected face as the true
-        value."""
-        logits = self.read_traits(images)
+        "fine_trait": (B,)}: the share of draw.py's coarse / fine traits read off the face (of `boxes`, pixels;
+        default: the detected face) as the true value."""
+        logits = self.read_traits(images, boxes)
         hits = {t: torch.tensor([logits[t][b].argmax().item() == values.index(tr[t]) for b, tr in enumerate(true)])
                 for t, values in self.trait_values.items()}
         return {f"{group}_trait": torch.stack([hits[t] for t in names]).float().mean(0).to(images.device)
@@ -362,17 +362,17 @@ def load_split(data_dir, holdout_per_id):
 
 
 def trait_training_set(meta, n_ids, seed):
-    """One image each of n_ids identities drawn for the trait readers alone, with prepare.py's identity, context and
+    """One image each of n_ids identities drawn for the trait readers alone, with draw.py's identity, context and
     rendering at the data's sizes from their own seed stream ([seed, 3, k]: not a train or test identity) -> dict of
     images (N, 3, R, R) uint8, boxes (N, 4) pixels, traits (N, T) class indices."""
     images, boxes, traits = [], [], []
     for k in tqdm(range(n_ids), desc="trait-reader identities", leave=False, mininterval=1.0):
         rng = np.random.default_rng([seed, 3, k])
-        t = prepare.sample_identity(rng)
-        attrs, jitter = prepare.sample_attributes(rng), tuple(rng.uniform(-0.02, 0.02, 3))
-        image, _, box = prepare.render(t, attrs, meta["resolution"], meta["crop_size"], meta["crop_scale"],
-                                       meta["config"]["supersample"], jitter, rng)
-        labels = prepare.trait_labels(t)
+        t = draw.sample_identity(rng)
+        attrs, jitter = draw.sample_attributes(rng), tuple(rng.uniform(-0.02, 0.02, 3))
+        image, _, box = draw.render(t, attrs, meta["resolution"], meta["crop_size"], meta["crop_scale"],
+                                    meta["config"]["supersample"], jitter, rng)
+        labels = draw.trait_labels(t)
         images.append(np.asarray(image))
         boxes.append(box)
         traits.append([TRAITS[name].index(labels[name]) for name in TRAITS])
