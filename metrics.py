@@ -109,18 +109,20 @@ def judge_scores(judge, images, ref_embs, own, attrs, traits=None):
     in a real photo), top-1 retrieval among the N, and prompt adherence over the prompt's attributes (B dicts). With
     traits (the true traits of each image's reference person, B dicts) and a judge with trait readers, also
     coarse_trait and fine_trait: the share of those traits read off the face."""
-    sims = face_embeddings(judge, images) @ ref_embs.T  # (B, N)
+    boxes = judge.detect(images)  # (B, 4): one detection serves FaceSim and the trait readers
+    sims = face_embeddings(judge, images, boxes) @ ref_embs.T  # (B, N)
     logits = judge.classify(images)
     hits = [float(logits[a][b].argmax() == judge.attributes[a].index(v)) for b, at in enumerate(attrs)
             for a, v in at.items()]
     out = {"face_sim": sims[torch.arange(len(own)), own], "top1": (sims.argmax(1) == own).float(),
            "prompt_acc": torch.tensor(hits)}
-    return out | (judge.trait_scores(images, traits) if traits is not None and judge.traits is not None else {})
+    return out | (judge.trait_scores(images, traits, boxes) if traits is not None and judge.traits is not None else {})
 
 
-def face_embeddings(judge, images):
-    """The judge's evaluator embedding of the face it detects and crops in each image (B, 3, H, W) -> (B, E)."""
-    return judge.embed(judge.crop(images, judge.detect(images)), "eval")
+def face_embeddings(judge, images, boxes=None):
+    """The judge's evaluator embedding of the face it detects (or of `boxes`) and crops in each image (B, 3, H, W)
+    -> (B, E)."""
+    return judge.embed(judge.crop(images, judge.detect(images) if boxes is None else boxes), "eval")
 
 
 @torch.no_grad()
@@ -133,9 +135,10 @@ def per_scale_scores(judge, decode, per_scale, ref_embs, own, traits=None):
     rows, out = torch.arange(len(own)), {}
     for z in per_scale:
         images = decode(z)
-        out.setdefault("face_sim", []).append((face_embeddings(judge, images) @ ref_embs.T)[rows, own])
+        boxes = judge.detect(images)
+        out.setdefault("face_sim", []).append((face_embeddings(judge, images, boxes) @ ref_embs.T)[rows, own])
         if traits is not None and judge.traits is not None:
-            for k, v in judge.trait_scores(images, traits).items():
+            for k, v in judge.trait_scores(images, traits, boxes).items():
                 out.setdefault(k, []).append(v)
     return {k: torch.stack(v) for k, v in out.items()}
 
