@@ -108,14 +108,16 @@ def judge_scores(judge, images, ref_embs, own, attrs, traits=None):
     (N, E) of all N identities: FaceSim to the own reference (the judge finds and crops the face, as a detector would
     in a real photo), top-1 retrieval among the N, and prompt adherence over the prompt's attributes (B dicts). With
     traits (the true traits of each image's reference person, B dicts) and a judge with trait readers, also
-    coarse_trait and fine_trait: the share of those traits read off the face."""
+    coarse_trait and fine_trait: the share of those traits read off the face. Each attribute's own hits come as
+    "prompt_<attribute>" (B,): which part of a prompt a model misses."""
     boxes = judge.detect(images)  # (B, 4): one detection serves FaceSim and the trait readers
     sims = face_embeddings(judge, images, boxes) @ ref_embs.T  # (B, N)
     logits = judge.classify(images)
-    hits = [float(logits[a][b].argmax() == judge.attributes[a].index(v)) for b, at in enumerate(attrs)
-            for a, v in at.items()]
+    hits = {a: torch.tensor([float(logits[a][b].argmax() == judge.attributes[a].index(at[a])) for b, at in
+                             enumerate(attrs)]) for a in attrs[0]}  # {attribute: (B,)}; every prompt names the same
     out = {"face_sim": sims[torch.arange(len(own)), own], "top1": (sims.argmax(1) == own).float(),
-           "prompt_acc": torch.tensor(hits)}
+           "prompt_acc": torch.stack(list(hits.values()), 1).flatten() if hits else torch.zeros(0)}
+    out |= {f"prompt_{a}": h for a, h in hits.items()}
     return out | (judge.trait_scores(images, traits, boxes) if traits is not None and judge.traits is not None else {})
 
 

@@ -17,6 +17,7 @@ from data.synthfaces import captions as C
 from data.synthfaces import judge as J
 from data.synthfaces import draw as D
 from data.synthfaces import prepare as P
+from metrics import judge_scores
 
 
 def _prepare(out_dir, **overrides):
@@ -184,6 +185,13 @@ def test_judge_api(trained, data_dir):
     assert judge.crop(images, boxes, 24).shape == (4, 3, 24, 24)
     logits = judge.classify(images)
     assert {k: v.shape[1] for k, v in logits.items()} == {k: len(v) for k, v in C.ATTRIBUTES.items()}
+    # prompt adherence: each attribute's hits by hand; the mean over every (image, attribute) read
+    attrs = [r["attributes"] for r in records]
+    scores = judge_scores(judge, images, judge.embed(crops, "eval"), torch.arange(4), attrs)
+    hand = {a: [float(logits[a][b].argmax() == C.ATTRIBUTES[a].index(attrs[b][a])) for b in range(4)]
+            for a in C.ATTRIBUTES}
+    assert {a: scores[f"prompt_{a}"].tolist() for a in C.ATTRIBUTES} == hand
+    assert scores["prompt_acc"].mean().item() == pytest.approx(sum(map(sum, hand.values())) / (4 * len(hand)))
     for which in ("eval", "loss"):
         e = judge.embed(crops, which)
         assert e.shape == (4, judge.id_eval.embed[1].out_features) and torch.allclose(e.norm(dim=1), torch.ones(4))
