@@ -47,12 +47,9 @@ PRESETS = {"synthfaces": {}, "foundation": {"foundation": "scratch", "out_dir": 
 STAGE_ARGS = {
     "synthfaces": {"tokenizer": ["--preset=synthfaces"], "face": ["--preset=synthfaces_face"],
                    "hear": ["--preset=synthfaces_hear"], "hear_scratch": ["--preset=synthfaces"], "eval": []},
-    # d = 64 bits per token (Infinity's larger vocabulary, 2^64): at 64 px with patch 8 the 8x8 finest grid holds
-    # too little for sharp faces at d = 32; the transformers' cost barely changes (only their input and head widen)
-    "foundation": {"tokenizer": ["--preset=synthfaces", "--codebook_dim=64", "--max_iters=6000",
-                                 "--eval_interval=1000"],
+    "foundation": {"tokenizer": ["--preset=synthfaces", "--max_iters=3000", "--eval_interval=1000"],
                    "face": ["--preset=synthfaces_face"], "base": ["--preset=synthfaces_base"],
-                   "hear": ["--preset=synthfaces_hear", "--max_iters=6000", "--compile=True"], "eval": []},
+                   "hear": ["--preset=synthfaces_hear", "--max_iters=4000", "--compile=True"], "eval": []},
     "tiny": {"tokenizer": ["--preset=tiny"], "face": ["--preset=tiny", "--face_mask=True", "--id_weight=0.1"],
              "base": ["--preset=tiny", "--use_global_face=False", "--use_hf_adapter=False"], "hear": ["--preset=tiny"],
              "eval": ["--image_size=16", "--max_images=16", "--prompts_per_identity=1", "--gallery_ids=2"]},
