@@ -114,7 +114,7 @@ def judge_scores(judge, images, ref_embs, own, attrs, traits=None):
     sims = face_embeddings(judge, images, boxes) @ ref_embs.T  # (B, N)
     logits = judge.classify(images)
     hits = {a: torch.tensor([float(logits[a][b].argmax() == judge.attributes[a].index(at[a])) for b, at in
-                             enumerate(attrs)]) for a in attrs[0]}  # {attribute: (B,)}; every prompt names the same
+                             enumerate(attrs)]) for a in attrs[0]}  # {attribute: (B,)}; all B name the same ones
     out = {"face_sim": sims[torch.arange(len(own)), own], "top1": (sims.argmax(1) == own).float(),
            "prompt_acc": torch.stack(list(hits.values()), 1).flatten() if hits else torch.zeros(0)}
     out |= {f"prompt_{a}": h for a, h in hits.items()}
