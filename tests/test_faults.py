@@ -154,8 +154,11 @@ def test_torchrun_lost_rank_is_an_error_and_max_restarts_resumes(tiny_run, tmp_p
     """2 gloo processes; rank 1 is SIGKILLed as step 3 ends (after the step-2 checkpoint). Rank 0 stops with one line
     instead of waiting in its collective, and torchrun --max-restarts=1 starts both again from the checkpoint."""
     out = str(tmp_path / "r")
+    # the agent looks at its workers every 3 s (default 0.1 s): rank 0 meets the closed connection in its next
+    # collective well before that; at 0.1 s a loaded machine lets the agent stop rank 0 first, and no line is printed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           os.path.join(ROOT, "train.py"), *args(tiny_run, out, "--max_iters=4", "--dist_timeout_s=60")]
+           "--monitor-interval=3", os.path.join(ROOT, "train.py"),
+           *args(tiny_run, out, "--max_iters=4", "--dist_timeout_s=60")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HEAR_TEST_KILL": "1:3"})
     assert proc.returncode == 0, proc.stderr[-3000:]
