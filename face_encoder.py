@@ -5,8 +5,10 @@ transformer's two identity paths read.
   face mask:        Eq. (2)  w = alpha on the pixels of the face box, 1 elsewhere (weights the pixel losses)
   face tokens:      Eq. (5)  v = the face encoder's per-scale codes of the crop, low -> high frequency; v_hf = v[FT:]
                              (hf_split gives FT, face_schedule the crop's scales, face_tokens both token sets)
-  global tokens:    Eq. (3)  v_g = the low-frequency codes v[:FT], or a frozen global encoder's tokens
-                             (build_global_encoder: --global_face=lowfreq | clip:<folder>, ClipGlobalEncoder)
+  global tokens:    Eq. (3)  v_g = a frozen global encoder's tokens (build_global_encoder, --global_face):
+                             judge:<judge.pt> the synthfaces judge's loss identity net (JudgeGlobalEncoder),
+                             clip:<folder> a CLIP vision tower (ClipGlobalEncoder, real presets), or
+                             lowfreq, no encoder: the low-frequency codes v[:FT]
 
 The face encoder itself is a copy of the tokenizer (tokenizer.BSQVAE) fine-tuned by train_tokenizer.py
 --preset=synthfaces_face with the composite loss of Eq. (1) (face_loss.py); the generation tokenizer is never
@@ -68,7 +70,7 @@ def face_tokens(face_encoder, crops, hf_first_scale, global_encoder=None):
     """Eq. (5) [HEAR]: reference face crops (B, 3, S, S) in [-1, 1] -> (v_g, v_hf), the global and the
     high-frequency face tokens. v (B, L_face, d) = the face encoder's per-scale codes of the crop, low -> high
     frequency; v_hf = v[:, FT:] (before W_hf, which lives in model.py); v_g = the low-frequency codes v[:, :FT]
-    (the synthfaces global view) or, with a global_encoder, its tokens (B, N_g, E) (CLIP, real presets).
+    or, with a global_encoder, its tokens (B, N_g, E) (the synthfaces judge, CLIP).
     Always fp32 (autocast off, as the official code encodes), so training and sampling see the same face bits."""
     schedule = face_schedule(crops.shape[-1], face_encoder.cfg.patch_size, hf_first_scale)
     with torch.autocast(crops.device.type, enabled=False):
@@ -78,7 +80,7 @@ def face_tokens(face_encoder, crops, hf_first_scale, global_encoder=None):
     # whose last ulp depends on the batch the crop was encoded in
     v = tok.bits_to_sequence(bits)  # (B, L_face, d)
     ft = hf_split(schedule, hf_first_scale)
-    # Eq. (5) [HEAR]: v_hf = v[FT:] (W_hf is applied in model.py); the low-frequency rest is the synthfaces v_g
+    # Eq. (5) [HEAR]: v_hf = v[FT:] (W_hf is applied in model.py); the low-frequency rest is v_g without an encoder
     v_low, v_hf = v[:, :ft], v[:, ft:]  # (B, FT, d), (B, L_face - FT, d)
     v_g = v_low if encoded_global is None else encoded_global
     return v_g, v_hf
@@ -89,15 +91,40 @@ def face_tokens(face_encoder, crops, hf_first_scale, global_encoder=None):
 
 
 def build_global_encoder(spec, device="cpu"):
-    """--global_face: "lowfreq" -> None (v[:FT] is the global view); "clip:<folder>" -> a frozen CLIP vision tower."""
+    """--global_face: "lowfreq" -> None (v[:FT] is the global view); "judge:<judge.pt>" -> the synthfaces judge's
+    frozen loss identity net; "clip:<folder>" -> a frozen CLIP vision tower. Each encoder has .dim, its token width."""
     if spec == "lowfreq":
         return None
-    from transformers import CLIPVisionModelWithProjection
+    kind, _, path = spec.partition(":")
+    if kind == "judge" and not os.path.isfile(path):
+        raise FaceError(f"--global_face={spec!r}: no such judge file; pass the synthfaces judge.pt the model was "
+                        "trained with (weights/synthfaces/judge.pt)")
+    if kind == "judge":
+        from data.synthfaces.judge import load_judge  # the synthfaces judge, only needed here
 
-    path = spec.removeprefix("clip:")
-    if not spec.startswith("clip:") or not os.path.isdir(path):
-        raise FaceError(f"--global_face={spec!r}: use lowfreq or clip:<local CLIPVisionModelWithProjection folder>")
-    return ClipGlobalEncoder(CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)).to(device)
+        return JudgeGlobalEncoder(load_judge(path)).to(device)
+    if kind == "clip" and os.path.isdir(path):
+        from transformers import CLIPVisionModelWithProjection
+
+        return ClipGlobalEncoder(CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)).to(device)
+    raise FaceError(f"--global_face={spec!r}: use lowfreq, judge:<synthfaces judge.pt> or clip:<local "
+                    "CLIPVisionModelWithProjection folder>")
+
+
+class JudgeGlobalEncoder(nn.Module):
+    """Global face tokens for synthfaces: the L2-normalised identity embedding of the judge's *loss* identity net
+    (the one the face encoder trains against; FaceSim is scored by the other, id_eval), one token (B, 1, E). It
+    stands where the paper's pretrained global visual encoder stands: a recogniser trained before HEAR and frozen.
+    Crops in [-1, 1] framed like the judge's (prepare.py's reference crops are)."""
+
+    def __init__(self, judge):
+        super().__init__()
+        self.judge = judge.eval().requires_grad_(False)
+        self.dim = judge.id_loss.embed[1].out_features  # E, the width of the embedding Linear
+
+    @torch.no_grad()
+    def forward(self, crops):
+        return self.judge.embed(crops.float(), "loss")[:, None]  # (B, 1, E)
 
 
 class ClipGlobalEncoder(nn.Module):
@@ -107,6 +134,7 @@ class ClipGlobalEncoder(nn.Module):
     def __init__(self, clip_vision):
         super().__init__()
         self.clip = clip_vision.eval().requires_grad_(False)
+        self.dim = clip_vision.config.projection_dim  # E
         self.register_buffer("mean", torch.tensor([0.4815, 0.4578, 0.4082]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.2686, 0.2613, 0.2758]).view(1, 3, 1, 1), persistent=False)
 

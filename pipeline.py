@@ -122,7 +122,7 @@ class Run:
     caption_tokenizer: object  # caption tokenizer (transformers)
     vae: tok.BSQVAE  # the frozen generation tokenizer (its decoder turns bits into pixels)
     face_encoder: tok.BSQVAE  # the frozen high-frequency face encoder
-    global_encoder: nn.Module | None  # CLIP vision tower (real presets) or None (v_g = v[:FT])
+    global_encoder: nn.Module | None  # frozen global encoder of v_g (the judge's, CLIP) or None (v_g = v[:FT])
     config: dict  # the train.py config the checkpoint was trained with
     step: int
 
@@ -146,12 +146,16 @@ def load_run(path, device="cpu", use_ema=True):
     vae, face_enc = (load_tokenizer(c[k] if os.path.dirname(c[k]) or c[k].startswith("infinity:") else
                                     os.path.join(beside, c[k]))[0].to(device) for k in ("tokenizer_ckpt",
                                                                                           "face_encoder_ckpt"))
+    spec = c.get("global_face", "lowfreq")
+    if spec.startswith("judge:") and not os.path.dirname(spec[6:]):  # shipped: judge.pt next to the checkpoint
+        spec = "judge:" + os.path.join(beside, spec[6:])
+    global_enc = fe.build_global_encoder(spec, device) if hear.cfg.use_global_face else None
     if vae.cfg.codebook_dim != hear.cfg.codebook_dim:  # the tokenizer file was replaced since training
         raise CheckpointMismatchError(f"{path}: its tokenizer {c['tokenizer_ckpt']} has {vae.cfg.codebook_dim} bits "
                                       f"per token, the transformer was trained on {hear.cfg.codebook_dim}; restore "
                                       "the tokenizer it was trained with")
     return Run(TextToBits(text_enc, hear, False).to(device).eval(), caption_tokenizer, vae, face_enc,
-               fe.build_global_encoder(c.get("global_face", "lowfreq"), device), c, ckpt["step"])
+               global_enc, c, ckpt["step"])
 
 
 def face_paths(spec):

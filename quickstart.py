@@ -100,7 +100,8 @@ def stages(cfg):
                                    f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={tok_ckpt}", dev], init))
     hear_args = args["hear_scratch"] if scratch and not with_base else [*args["hear"], f"--init_from={init}"]
     out.append(("transformer", [py, "train.py", *hear_args, f"--data_dir={d}", f"--out_dir={hear}",
-                                f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face}/ckpt.pt", dev],
+                                f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face}/ckpt.pt",
+                                f"--global_face=judge:{judge}", dev],
                 f"{hear}/ckpt.pt"))
     return out
 
@@ -196,7 +197,8 @@ def export_foundation(cfg):
         if "model_config" in ckpt:  # a transformer: its encoders are read next to it (pipeline.load_run)
             face = "face_encoder.pt" if ckpt["model_config"]["use_hf_adapter"] else "tokenizer.pt"
             ckpt["config"].update(tokenizer_ckpt="tokenizer.pt", face_encoder_ckpt=face,
-                                  init_from="base.pt" if name == "hear.pt" else "scratch")
+                                  init_from="base.pt" if name == "hear.pt" else "scratch",
+                                  global_face="judge:judge.pt" if name == "hear.pt" else "lowfreq")
         sha = export_weights(ckpt, os.path.join(cfg.weights_dir, name), keep)
         files[name] = {"sha256": sha, "bytes": os.path.getsize(os.path.join(cfg.weights_dir, name)), "what": what}
     write_atomic(os.path.join(cfg.weights_dir, "manifest.json"), json.dumps({"files": files}, indent=1) + "\n")

@@ -118,8 +118,9 @@ def commands(cfg):
         face_ckpt = cfg.face_encoder_ckpt if faces == "face_encoder" else cfg.tokenizer_ckpt
         argv = script("train.py", f"--preset={size['train']}", f"--init_from={cfg.base_ckpt}", f"--data_dir={d}",
                       f"--out_dir={run}", f"--seed={seed}", f"--tokenizer_ckpt={cfg.tokenizer_ckpt}",
-                      f"--face_encoder_ckpt={face_ckpt}", f"--use_global_face={use_global}",
-                      f"--use_hf_adapter={use_hf}", *([f"--max_iters={cfg.hear_iters}"] if cfg.hear_iters else []))
+                      f"--face_encoder_ckpt={face_ckpt}", f"--global_face=judge:{cfg.judge}",
+                      f"--use_global_face={use_global}", f"--use_hf_adapter={use_hf}",
+                      *([f"--max_iters={cfg.hear_iters}"] if cfg.hear_iters else []))
         return Step(part, f"train {os.path.basename(run)}", argv, f"{run}/ckpt.pt")
 
     def hear(part, variant, seed, faces="face_encoder"):  # train it, then score it with eval.py --what=generation

@@ -68,7 +68,8 @@ class Config:
     use_global_face: bool = True  # Eq. (3)-(4): global face tokens join the text in cross-attention
     use_hf_adapter: bool = True  # Eq. (5)-(7): decoupled high-frequency cross-attention
     hf_first_scale: int = 3  # FT = tokens of the first hf_first_scale face scales (paper: 6 of 13)
-    global_face: str = "lowfreq"  # lowfreq: v[:FT] of the face encoder | clip:<CLIPVisionModelWithProjection folder>
+    global_face: str = "lowfreq"  # v_g: lowfreq (v[:FT] of the face encoder) | judge:<synthfaces judge.pt> (its loss
+    # identity embedding) | clip:<CLIPVisionModelWithProjection folder>
     train_params: str = "all"  # all | adapter (HEAR's new params + cross-attn W_Q, W_K, W_V + W_g) | hear (new only)
     # data
     image_size: int = 64  # square training size when pn == ""
@@ -106,7 +107,8 @@ class Config:
 
 
 PRESETS = {
-    "synthfaces": {},
+    # v_g from the shipped judge's loss identity net: the synthfaces stand-in for the paper's pretrained global encoder
+    "synthfaces": {"global_face": "judge:weights/synthfaces/judge.pt"},
     "infinity_2b": {"init_from": "infinity:weights/infinity_2b_reg.pth", "out_dir": "out/hear_2b",
                     "tokenizer_ckpt": "infinity:weights/infinity_vae_d32reg.pth",
                     "face_encoder_ckpt": "out/face_encoder_2b/ckpt.pt", "text_encoder": "weights/flan-t5-xl",
@@ -121,7 +123,8 @@ PRESETS = {
                         "face_encoder_ckpt": "out/tokenizer/ckpt.pt", "save_interval": 1000},
     # HEAR fine-tuned on the shipped base (quickstart.py): the identity paths are new, the rest starts pretrained
     "synthfaces_hear": {"init_from": "weights/synthfaces/base.pt", "tokenizer_ckpt": "weights/synthfaces/tokenizer.pt",
-                        "max_iters": 400, "compile": False},  # a short run: compiling would cost more than it saves
+                        "global_face": "judge:weights/synthfaces/judge.pt", "max_iters": 400,
+                        "compile": False},  # a short run: compiling would cost more than it saves
     "tiny": {"depth": 2, "embed_dim": 64, "num_heads": 4, "image_size": 16, "face_size": 16, "hf_first_scale": 2,
              "batch_size": 4, "max_iters": 4, "warmup_iters": 1, "log_interval": 1, "save_interval": 2,
              "text_layers": 1, "text_heads": 2, "compile": False},
@@ -142,7 +145,7 @@ class TrainState:
     pools: dict  # identity -> record indices (reference choice)
     vae: tok.BSQVAE  # frozen generation tokenizer
     face_enc: tok.BSQVAE  # frozen face encoder
-    global_enc: nn.Module | None  # frozen CLIP vision tower (real presets) or None
+    global_enc: nn.Module | None  # frozen global encoder of v_g (the judge's, CLIP) or None (lowfreq)
     text_enc: nn.Module  # T5 encoder (trained with the tiny preset)
     caption_tokenizer: object  # caption tokenizer
     hear: hear_model.HEARTransformer  # the raw transformer (saved, sampled)
@@ -189,7 +192,7 @@ def build_model(cfg, vae, face_enc, global_enc, resumed, master):
         if train_text:
             load_strict(text_enc, resumed["text_encoder"], os.path.join(cfg.out_dir, "ckpt.pt"))
     else:
-        global_dim = face_enc.cfg.codebook_dim if global_enc is None else global_enc.clip.config.projection_dim
+        global_dim = face_enc.cfg.codebook_dim if global_enc is None else global_enc.dim
         official = cfg.init_from.removeprefix("infinity:") if cfg.init_from.startswith("infinity:") else None
         hear, report = build_hear(cfg, text_enc.config.d_model, vae.cfg.codebook_dim, face_enc.cfg.codebook_dim,
                                   global_dim, weights=base_ckpt or official)  # a base: the dict read above

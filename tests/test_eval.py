@@ -57,6 +57,8 @@ def test_generation_table_on_a_tiny_run(tiny_run, tmp_path):
     import train
     from checkpoint import save_checkpoint
     from data.synthfaces.judge import Judge
+    from face_encoder import JudgeGlobalEncoder
+    from pipeline import load_run
 
     data, tok_ckpt, face_ckpt = tiny_run
     attrs = {"background": ["red", "blue"], "clothing": ["red"], "accessory": ["none"], "accessory_color": ["none"],
@@ -70,11 +72,13 @@ def test_generation_table_on_a_tiny_run(tiny_run, tmp_path):
             r["crop_path"] = r["path"]  # the reference crop is the image itself in this tiny set
             f.write(json.dumps(r) + "\n")
     out = str(tmp_path / "run")
-    train.main(parse_config(train.Config, train.PRESETS, [
-        "--preset=tiny", f"--data_dir={data}", f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
-        f"--out_dir={out}", "--device=cpu", "--max_iters=2"]))
     judge_config = dict(resolution=16, id_size=16, crop_scale=1.4, embed_dim=8, n_ids=3, attributes=attrs)
     save_checkpoint({"model": Judge(**judge_config).state_dict(), "judge_config": judge_config}, f"{tmp_path}/judge.pt")
+    train.main(parse_config(train.Config, train.PRESETS, [  # v_g: the judge's loss embedding, as synthfaces trains
+        "--preset=tiny", f"--data_dir={data}", f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
+        f"--out_dir={out}", "--device=cpu", "--max_iters=2", f"--global_face=judge:{tmp_path}/judge.pt"]))
+    run = load_run(f"{out}/ckpt.pt")
+    assert isinstance(run.global_encoder, JudgeGlobalEncoder) and run.model.hear.cfg.global_face_dim == 8
     cfg = parse_config(ev.Config, ev.PRESETS, ["--what=generation", f"--ckpt={out}/ckpt.pt", f"--data_dir={data}",
                                                f"--judge={tmp_path}/judge.pt", "--prompts_per_identity=1",
                                                "--device=cpu", f"--out={tmp_path}/gen.md"])

@@ -21,6 +21,9 @@ def test_every_stage_command_parses_with_its_script_config(argv, tmp_path):
     # the shipped foundation's quick start trains only what HEAR adds; the others train every part
     assert ("judge" in names, "tokenizer" in names) == ((cfg.foundation == "scratch",) * 2)
     assert ("base model" in names) == (cfg.preset in ("foundation", "tiny"))
+    hear = next(command for name, command, _ in qs.stages(cfg) if name == "transformer")
+    judge = qs.judge_and_tokenizer(cfg)[0]  # the run's own judge gives HEAR its global face tokens
+    assert f"--global_face=judge:{judge}" in hear
     for name, command, _ in qs.stages(cfg) + qs.eval_stages(cfg):
         argv = command[3:] if command[1] == "-m" else command[2:]
         script = command[2] if command[1] == "-m" else command[1].removesuffix(".py")
@@ -87,6 +90,8 @@ def test_export_writes_small_files_a_manifest_that_checks_them_and_paths_beside_
     assert (hear["config"]["tokenizer_ckpt"], hear["config"]["face_encoder_ckpt"]) == ("tokenizer.pt",
                                                                                         "face_encoder.pt")
     assert (base["config"]["face_encoder_ckpt"], base["config"]["init_from"]) == ("tokenizer.pt", "scratch")
+    # hear.pt's global encoder is the shipped judge beside it (pipeline.load_run resolves a bare name there)
+    assert (hear["config"]["global_face"], base["config"]["global_face"]) == ("judge:judge.pt", "lowfreq")
     with open(f"{tmp_path}/w/judge.pt", "r+b") as f:  # one byte changed
         f.seek(100)
         byte = f.read(1)
