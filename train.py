@@ -68,8 +68,7 @@ class Config:
     use_global_face: bool = True  # Eq. (3)-(4): global face tokens join the text in cross-attention
     use_hf_adapter: bool = True  # Eq. (5)-(7): decoupled high-frequency cross-attention
     hf_first_scale: int = 3  # FT = tokens of the first hf_first_scale face scales (paper: 6 of 13)
-    global_face: str = "lowfreq"  # v_g: lowfreq (v[:FT] of the face encoder) | judge:<synthfaces judge.pt> (its loss
-    # identity embedding) | clip:<CLIPVisionModelWithProjection folder>
+    global_face: str = "lowfreq"  # v_g: lowfreq (face encoder's v[:FT]) | judge:<judge.pt> | clip:<CLIP vision folder>
     train_params: str = "all"  # all | adapter (HEAR's new params + cross-attn W_Q, W_K, W_V + W_g) | hear (new only)
     # data
     image_size: int = 64  # square training size when pn == ""

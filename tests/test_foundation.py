@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import eval as ev
+import face_encoder as fe
 import quickstart as qs
 from checkpoint import load_checkpoint, sha256
 from common import parse_config
@@ -58,6 +59,23 @@ def test_each_file_loads_strictly():
     judge = load_judge(os.path.join(WEIGHTS, "judge.pt"))
     assert not any(p.requires_grad for p in judge.parameters())
     assert load_checkpoint(os.path.join(WEIGHTS, "judge.pt"))["metrics"]["id_top1_eval"] > 0.9
+
+
+def test_hear_global_tokens_are_the_judges_loss_embedding():
+    """hear.pt's v_g (Eq. 3) comes from the shipped judge next to it: the L2-normalised embedding of its loss identity
+    net, one token per crop, never of id_eval (the net FaceSim is scored with). Same crops, same fp32 graph: equal up to
+    the rounding of a few hundred products per output (1e-6)."""
+    run, judge = load_run(os.path.join(WEIGHTS, "hear.pt")), load_judge(os.path.join(WEIGHTS, "judge.pt"))
+    assert isinstance(run.global_encoder, fe.JudgeGlobalEncoder)
+    crops = torch.stack([load_image(os.path.join(ROOT, "assets", "faces", f), (64, 64))
+                         for f in sorted(os.listdir(os.path.join(ROOT, "assets", "faces")))])  # (N, 3, 64, 64)
+    v_g, _ = fe.face_tokens(run.face_encoder, crops, run.config["hf_first_scale"], run.global_encoder)
+    loss_emb, eval_emb = judge.embed(crops, "loss"), judge.embed(crops, "eval")  # (N, E)
+    assert v_g.shape == (len(crops), 1, run.model.hear.cfg.global_face_dim)
+    torch.testing.assert_close(v_g[:, 0], loss_emb, rtol=0, atol=1e-6)
+    assert (v_g[:, 0] - eval_emb).abs().max() > 0.1  # not the evaluator's embedding
+    with pytest.raises(fe.FaceError, match="no such judge file"):
+        fe.build_global_encoder("judge:" + os.path.join(ROOT, "no_such_judge.pt"))
 
 
 @pytest.fixture(scope="module")
