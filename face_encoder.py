@@ -96,10 +96,10 @@ def build_global_encoder(spec, device="cpu"):
     if spec == "lowfreq":
         return None
     kind, _, path = spec.partition(":")
-    if kind == "judge" and not os.path.isfile(path):
-        raise FaceError(f"--global_face={spec!r}: no such judge file; pass the synthfaces judge.pt the model was "
-                        "trained with (weights/synthfaces/judge.pt)")
     if kind == "judge":
+        if not os.path.isfile(path):
+            raise FaceError(f"--global_face={spec!r}: no such judge file; pass the synthfaces judge.pt the model was "
+                            "trained with (weights/synthfaces/judge.pt)")
         from data.synthfaces.judge import load_judge  # the synthfaces judge, only needed here
 
         return JudgeGlobalEncoder(load_judge(path)).to(device)

@@ -142,13 +142,14 @@ def load_run(path, device="cpu", use_ema=True):
         load_strict(text_enc, ckpt["text_encoder"], path)
     hear = hear_model.HEARTransformer(hear_model.ModelConfig(**ckpt["model_config"]))
     load_strict(hear, ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"], path)
-    beside = os.path.dirname(os.path.abspath(path))  # a bare file name is a file next to the checkpoint (shipped)
-    vae, face_enc = (load_tokenizer(c[k] if os.path.dirname(c[k]) or c[k].startswith("infinity:") else
-                                    os.path.join(beside, c[k]))[0].to(device) for k in ("tokenizer_ckpt",
-                                                                                          "face_encoder_ckpt"))
-    spec = c.get("global_face", "lowfreq")
-    if spec.startswith("judge:") and not os.path.dirname(spec[6:]):  # shipped: judge.pt next to the checkpoint
-        spec = "judge:" + os.path.join(beside, spec[6:])
+    here = os.path.dirname(os.path.abspath(path))
+
+    def beside(name):  # a bare file name is a file next to the checkpoint (the shipped foundation)
+        return name if os.path.dirname(name) or ":" in name else os.path.join(here, name)
+
+    vae, face_enc = (load_tokenizer(beside(c[k]))[0].to(device) for k in ("tokenizer_ckpt", "face_encoder_ckpt"))
+    kind, _, where = c.get("global_face", "lowfreq").partition(":")  # judge:judge.pt -> the judge.pt beside it
+    spec = f"judge:{beside(where)}" if kind == "judge" else c.get("global_face", "lowfreq")
     global_enc = fe.build_global_encoder(spec, device) if hear.cfg.use_global_face else None
     if vae.cfg.codebook_dim != hear.cfg.codebook_dim:  # the tokenizer file was replaced since training
         raise CheckpointMismatchError(f"{path}: its tokenizer {c['tokenizer_ckpt']} has {vae.cfg.codebook_dim} bits "

@@ -214,7 +214,7 @@ def build_state(cfg, dist):
     records = read_manifest(cfg.data_dir, "train")
     vae, face_enc = (load_tokenizer(p)[0].to(dist.device) for p in (cfg.tokenizer_ckpt, cfg.face_encoder_ckpt))
     fe.face_schedule(cfg.face_size, face_enc.cfg.patch_size, cfg.hf_first_scale)  # a bad hf_first_scale fails now
-    global_enc = fe.build_global_encoder(cfg.global_face, dist.device)
+    global_enc = fe.build_global_encoder(cfg.global_face, dist.device) if cfg.use_global_face else None
     resumed = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.init_from == "resume" else None
     text_enc, caption_tokenizer, hear, train_text = build_model(cfg, vae, face_enc, global_enc, resumed, dist.master)
     model = TextToBits(text_enc, hear, train_text).to(dist.device).train()
