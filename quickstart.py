@@ -49,7 +49,7 @@ STAGE_ARGS = {
                    "hear": ["--preset=synthfaces_hear"], "hear_scratch": ["--preset=synthfaces"], "eval": []},
     "foundation": {"tokenizer": ["--preset=synthfaces", "--max_iters=3000", "--eval_interval=1000"],
                    "face": ["--preset=synthfaces_face"], "base": ["--preset=synthfaces_base"],
-                   "hear": ["--preset=synthfaces_hear", "--max_iters=6000", "--compile=True"], "eval": []},
+                   "hear": ["--preset=synthfaces_hear", "--max_iters=12000", "--compile=True"], "eval": []},
     "tiny": {"tokenizer": ["--preset=tiny"], "face": ["--preset=tiny", "--face_mask=True", "--id_weight=0.1"],
              "base": ["--preset=tiny", "--use_global_face=False", "--use_hf_adapter=False"], "hear": ["--preset=tiny"],
              "eval": ["--image_size=16", "--max_images=16", "--prompts_per_identity=1", "--gallery_ids=2"]},
