@@ -271,9 +271,12 @@ def line_plot(panels, path, width=640, height=300, cols=2):
             draw.text((left + 2, y - 6), f"{v:.3f}", fill="black")
         ticks = [(x, f"{x:g}") for x in xs] if len(xs) <= 12 else [(xs[0], f"{x_name} {xs[0]:g}"),
                                                                  (xs[-1], f"{x_name} {xs[-1]:g}")]
-        for x, label in ticks:
-            px = x0 + (x1 - x0) * (x - xs[0]) / span
-            draw.text((min(px - 3 * len(label), x1 - 6 * len(label)), y1 + 5), label, fill="black")
+        drawn = []  # (left, right) of the tick labels drawn: one that would overlap a neighbour is left out
+        for x, label in sorted(ticks, key=lambda t: t[0] != xs[-1]):  # the last value's label first: it always shows
+            tx = min(x0 + (x1 - x0) * (x - xs[0]) / span - 3 * len(label), x1 - 6 * len(label))
+            if all(tx + 6 * len(label) + 4 < a or tx > b + 4 for a, b in drawn):
+                draw.text((tx, y1 + 5), label, fill="black")
+                drawn.append((tx, tx + 6 * len(label)))
         for j, (legend, lx, ly, colour) in enumerate(lines):
             pts = [(x0 + (x1 - x0) * (x - xs[0]) / span, y1 - (y1 - y0) * (y - lo) / (hi - lo)) for x, y in zip(lx, ly)]
             draw.line(pts, fill=colour, width=2)
