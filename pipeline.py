@@ -148,8 +148,9 @@ def load_run(path, device="cpu", use_ema=True):
         return name if os.path.dirname(name) or ":" in name else os.path.join(here, name)
 
     vae, face_enc = (load_tokenizer(beside(c[k]))[0].to(device) for k in ("tokenizer_ckpt", "face_encoder_ckpt"))
-    kind, _, where = c.get("global_face", "lowfreq").partition(":")  # judge:judge.pt -> the judge.pt beside it
-    spec = f"judge:{beside(where)}" if kind == "judge" else c.get("global_face", "lowfreq")
+    spec = c.get("global_face", "lowfreq")
+    kind, _, where = spec.partition(":")  # judge:judge.pt -> the judge.pt beside the checkpoint
+    spec = f"judge:{beside(where)}" if kind == "judge" else spec
     global_enc = fe.build_global_encoder(spec, device) if hear.cfg.use_global_face else None
     if vae.cfg.codebook_dim != hear.cfg.codebook_dim:  # the tokenizer file was replaced since training
         raise CheckpointMismatchError(f"{path}: its tokenizer {c['tokenizer_ckpt']} has {vae.cfg.codebook_dim} bits "
