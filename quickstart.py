@@ -47,7 +47,7 @@ PRESETS = {"synthfaces": {}, "foundation": {"foundation": "scratch", "out_dir": 
 STAGE_ARGS = {
     "synthfaces": {"tokenizer": ["--preset=synthfaces"], "face": ["--preset=synthfaces_face"],
                    "hear": ["--preset=synthfaces_hear"], "hear_scratch": ["--preset=synthfaces"], "eval": []},
-    "foundation": {"tokenizer": ["--preset=synthfaces", "--max_iters=3000", "--eval_interval=1000"],
+    "foundation": {"tokenizer": ["--preset=synthfaces", "--max_iters=6000", "--eval_interval=1000"],
                    "face": ["--preset=synthfaces_face"], "base": ["--preset=synthfaces_base"],
                    "hear": ["--preset=synthfaces_hear", "--max_iters=12000", "--compile=True"], "eval": []},
     "tiny": {"tokenizer": ["--preset=tiny"], "face": ["--preset=tiny", "--face_mask=True", "--id_weight=0.1"],
