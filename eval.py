@@ -50,7 +50,7 @@ class Config:
     # generation
     ckpt: str = "out/hear/ckpt.pt"  # the train.py checkpoint
     prompts_per_identity: int = 4  # prompts (captions of other images) per held-out identity
-    guidance: float = 1.5  # CFG scale (synthfaces; infinity_2b preset: the official 3)
+    cfg: float = 1.5  # classifier-free guidance scale (synthfaces; infinity_2b preset: the official 3)
     tau: float = 0.5  # logit temperature of the bit sampler (synthfaces; infinity_2b preset: 1)
     id_scale: float = 1.0  # lambda of Eq. (7)
     seed: int = 0  # sampling seed
@@ -64,7 +64,7 @@ class Config:
                               "even light, yellow background",
                               "pencil sketch of a surprised person in a white shirt with no accessories, medium face "
                               "on the left, lit from the right, teal background")  # one column each
-    # photos (Table 1 on real photos; also uses ckpt, guidance, id_scale, seed)
+    # photos (Table 1 on real photos; also uses ckpt, cfg, id_scale, seed)
     faces: str = "data/eval_faces"  # reference photos, one person each: a folder or comma-separated files
     prompts: str = "data/eval_prompts.txt"  # prompts, UTF-8, one per line (blank lines and # comments skipped)
     clip_model: str = "weights/clip-vit-large-patch14"  # local transformers CLIP folder (CLIP-T, CLIP-I)
@@ -75,7 +75,7 @@ class Config:
     metrics: str = "out/hear/metrics.jsonl"  # train.py's metrics.jsonl
 
 
-PRESETS = {"synthfaces": {}, "infinity_2b": {"guidance": 3.0, "tau": 1.0}}  # the sampler of the paper's scale
+PRESETS = {"synthfaces": {}, "infinity_2b": {"cfg": 3.0, "tau": 1.0}}  # the sampler of the paper's scale
 
 
 def write_table(table, cfg):
@@ -216,10 +216,10 @@ def eval_generation(cfg, device):
         other = torch.stack([load_image(pool[k % len(pool)]["path"], (size, size)) for k in range(len(recs))])
         real = torch.stack([load_image(r["path"], (size, size)) for r in recs]).to(device)
         t = time.time()
-        images = generate(run, prompts, crops, gen, cfg.guidance, cfg.tau, id_scale=cfg.id_scale,
+        images = generate(run, prompts, crops, gen, cfg.cfg, cfg.tau, id_scale=cfg.id_scale,
                           hf_from_scale=cfg.hf_from_scale)[0]
         seconds, n_img = seconds + time.time() - t, n_img + len(recs)
-        null = generate(run, prompts, crops, gen, cfg.guidance, cfg.tau, id_scale=cfg.id_scale, null_face=True)[0]
+        null = generate(run, prompts, crops, gen, cfg.cfg, cfg.tau, id_scale=cfg.id_scale, null_face=True)[0]
         for name, x in ((first, images), ("null face (prompt only)", null),
                         ("real image, same identity (upper bound)", real),
                         ("real image through the tokenizer (its ceiling)", through_tokenizer(run.vae, real)),
@@ -229,7 +229,7 @@ def eval_generation(cfg, device):
                 rows.setdefault(name, {}).setdefault(k, []).append(v.cpu())
     means = {name: summarize(m) for name, m in rows.items()}
     table = metric_table("images", means)
-    table.append(f"\n{len(ids)} held-out identities x {cfg.prompts_per_identity} prompts, cfg {cfg.guidance}, "
+    table.append(f"\n{len(ids)} held-out identities x {cfg.prompts_per_identity} prompts, cfg {cfg.cfg}, "
                  f"tau {cfg.tau}, top-1 chance {1 / len(ids):.3f}, {seconds / n_img:.3f} s per generated image "
                  "(decoder included)" + ("; coarse / fine traits: the share of the reference person's traits the "
                                          "judge's trait readers find on the face" if traits else ""))
@@ -251,7 +251,7 @@ def eval_gallery(cfg, device):
     refs, n_prompts = refs[: cfg.gallery_ids], len(cfg.gallery_prompts)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     crops = refs.repeat_interleave(n_prompts, 0)  # (N * P, 3, S, S): each identity once per prompt
-    images, per_scale = generate(run, list(cfg.gallery_prompts) * len(refs), crops, gen, cfg.guidance, cfg.tau,
+    images, per_scale = generate(run, list(cfg.gallery_prompts) * len(refs), crops, gen, cfg.cfg, cfg.tau,
                                  id_scale=cfg.id_scale)
     size = images.shape[-1]
     refs = torch.nn.functional.interpolate(refs, size=(size, size), mode="bilinear", antialias=True)
@@ -279,8 +279,8 @@ def eval_photos(cfg, device):
     prompts = read_prompt_lines(cfg.prompts, "--prompts")
     if cfg.face_detector == "none":
         raise UserError("--face_detector=none: FaceSim needs a face backend (auto, insightface or dlib)")
-    if not (cfg.guidance >= 0 and math.isfinite(cfg.id_scale)):
-        raise UserError(f"--guidance={cfg.guidance} must be >= 0 and --id_scale={cfg.id_scale} finite")
+    if not (cfg.cfg >= 0 and math.isfinite(cfg.id_scale)):
+        raise UserError(f"--cfg={cfg.cfg} must be >= 0 and --id_scale={cfg.id_scale} finite")
     if cfg.out:
         check_output(cfg.out, image=False)
     paths = face_paths(cfg.faces)
@@ -296,7 +296,7 @@ def eval_photos(cfg, device):
     def image(k):
         gen = torch.Generator(device=device).manual_seed(cfg.seed + k)
         crop = crops[pairs[k][0]][None].to(device)
-        return generate(run, [pairs[k][1]], crop, gen, cfg.guidance, cfg.tau, id_scale=cfg.id_scale)[0].cpu()
+        return generate(run, [pairs[k][1]], crop, gen, cfg.cfg, cfg.tau, id_scale=cfg.id_scale)[0].cpu()
 
     image(0)  # warm-up, not timed
     t = time.time()
@@ -310,7 +310,7 @@ def eval_photos(cfg, device):
     table = [f"| model | CLIP-T | CLIP-I | DINO | FaceSim ({detector.name}) | no face | s / image |", "|---" * 7 + "|",
              f"| {cfg.ckpt} (step {run.step}) | {row} | {1 - float(found.float().mean()):.1%} | {seconds:.3f} |",
              f"\n{len(paths)} reference photos x {len(prompts)} prompts, one image each (seed {cfg.seed} + pair "
-             f"index, cfg {cfg.guidance}, id_scale {cfg.id_scale}). Cosines x100: CLIP {cfg.clip_model}, DINO "
+             f"index, cfg {cfg.cfg}, id_scale {cfg.id_scale}). Cosines x100: CLIP {cfg.clip_model}, DINO "
              f"{cfg.dino_model}, FaceSim = {detector.name} identity embedding of the largest face, 0 without one "
              "(dlib and InsightFace FaceSim are not comparable). Speed: seconds per image at batch 1 after one "
              f"warm-up image on {device}: prompt encoding, face tokens, sampling, decoding (not detection, metrics)."]
@@ -342,7 +342,7 @@ def score_setting(cfg, run, judge, held_out, per_scale=False, **knobs):
         recs = by_id[i][1: 1 + cfg.prompts_per_identity]
         own, crops = torch.full((len(recs),), n, device=refs.device), refs[n: n + 1].expand(len(recs), -1, -1, -1)
         true = None if traits is None else [traits[n]] * len(recs)
-        images, sums = generate(run, [r["caption_short"] for r in recs], crops, gen, cfg.guidance, cfg.tau, **knobs)
+        images, sums = generate(run, [r["caption_short"] for r in recs], crops, gen, cfg.cfg, cfg.tau, **knobs)
         scores = judge_scores(judge, images, ref_embs, own, [r["attributes"] for r in recs], true)
         if per_scale:  # (K, B) each
             scores |= {f"per_scale_{k}": v for k, v in
@@ -387,7 +387,7 @@ def eval_strength(cfg, device):
                                                                  next(iter(rows.values()))}
         table += metric_table(name, rows) + [""]
     table.append(f"{cfg.ckpt} (step {run.step}): {len(held_out[0])} held-out identities x {cfg.prompts_per_identity} "
-                 f"prompts per setting, cfg {cfg.guidance}; hf_from_scale k: the adapter acts from scale k on at "
+                 f"prompts per setting, cfg {cfg.cfg}; hf_from_scale k: the adapter acts from scale k on at "
                  f"id_scale {cfg.id_scale} (0: every scale, {K}: none)")
     table = write_table("\n".join(table), cfg)
     write_json(numbers, cfg)
@@ -416,14 +416,14 @@ def eval_references(cfg, device):
         for n, i in enumerate(ids):
             recs = by_id[i][kmax: kmax + P]
             refs = crops[i][None, :k].expand(len(recs), -1, -1, -1, -1)  # (B, k, 3, S, S)
-            images = generate(run, [r["caption_short"] for r in recs], refs, gen, cfg.guidance, cfg.tau,
+            images = generate(run, [r["caption_short"] for r in recs], refs, gen, cfg.cfg, cfg.tau,
                               id_scale=cfg.id_scale, face_combine=mode, null_face=name.startswith("null"))[0]
             own = torch.full((len(recs),), n, device=device)
             for key, v in judge_scores(judge, images, targets, own, [r["attributes"] for r in recs]).items():
                 m.setdefault(key, []).append(v.cpu())
         numbers[name] = summarize(m)
     table = metric_table("references", numbers)
-    table.append(f"\n{cfg.ckpt} (step {run.step}): {len(ids)} held-out identities x {P} prompts, cfg {cfg.guidance}, "
+    table.append(f"\n{cfg.ckpt} (step {run.step}): {len(ids)} held-out identities x {P} prompts, cfg {cfg.cfg}, "
                  f"seed {cfg.seed} for every row; top-1 chance {1 / len(ids):.3f}")
     table = write_table("\n".join(table), cfg)
     write_json({"rows": numbers, "ckpt": cfg.ckpt, "identities": len(ids)}, cfg)
