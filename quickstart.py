@@ -49,7 +49,10 @@ STAGE_ARGS = {
                    "hear": ["--preset=synthfaces_hear"], "hear_scratch": ["--preset=synthfaces"], "eval": []},
     "foundation": {"tokenizer": ["--preset=synthfaces", "--max_iters=6000", "--eval_interval=1000"],
                    "face": ["--preset=synthfaces_face"], "base": ["--preset=synthfaces_base"],
-                   "hear": ["--preset=synthfaces_hear", "--max_iters=12000", "--compile=True"], "eval": []},
+                   "hear": ["--preset=synthfaces_hear", "--max_iters=12000", "--compile=True"],
+                   "decoder": ["--preset=synthfaces", "--train_params=decoder", "--max_iters=4000",
+                               "--learning_rate=1e-3", "--warmup_iters=100", "--eval_interval=500",
+                               "--log_interval=100"], "eval": []},
     "tiny": {"tokenizer": ["--preset=tiny"], "face": ["--preset=tiny", "--face_mask=True", "--id_weight=0.1"],
              "base": ["--preset=tiny", "--use_global_face=False", "--use_hf_adapter=False"], "hear": ["--preset=tiny"],
              "eval": ["--image_size=16", "--max_images=16", "--prompts_per_identity=1", "--gallery_ids=2"]},
@@ -60,7 +63,7 @@ CHECK_SLICE = ["--preset=synthfaces", "--train_ids=1", "--test_ids=5", "--test_i
                "--workers=1"]
 CHECK_EVAL = ["--prompts_per_identity=2"]
 # the shipped files: name -> (stage output, entries kept, what it is)
-SHIPPED = {"tokenizer.pt": ("tokenizer/ckpt.pt", ("model", "tokenizer_config", "config", "step", "metrics"),
+SHIPPED = {"tokenizer.pt": ("tokenizer_decoder/ckpt.pt", ("model", "tokenizer_config", "config", "step", "metrics"),
                             "BSQ-VAE tokenizer (the Infinity VAE of synthfaces)"),
            "judge.pt": (None, ("model", "judge_config", "config", "metrics"), "the judge: detector, identity, "
                         "attribute and trait nets that score every run"),
@@ -103,6 +106,10 @@ def stages(cfg):
                                 f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face}/ckpt.pt",
                                 f"--global_face=judge:{judge}", dev],
                 f"{hear}/ckpt.pt"))
+    if "decoder" in args:  # the tokenizer's decoder sharpened on frozen codes: every stage above stays valid on it
+        out.append(("tokenizer decoder", [py, "train_tokenizer.py", *args["decoder"], f"--data_dir={d}",
+                                          f"--out_dir={o}/tokenizer_decoder", f"--init_from={tok_ckpt}", dev],
+                    f"{o}/tokenizer_decoder/ckpt.pt"))
     return out
 
 
@@ -240,7 +247,8 @@ def main(cfg):
     train, evals = stages(cfg), eval_stages(cfg)
     if cfg.force:
         for path in [cfg.data_dir] + [os.path.join(cfg.out_dir, n) for n in ("tokenizer", "face_encoder", "base",
-                                                                           "hear", "quickstart", "check")]:
+                                                                           "hear", "tokenizer_decoder", "quickstart",
+                                                                           "check")]:
             shutil.rmtree(path, ignore_errors=True)
     log_dir = os.path.join(cfg.out_dir, "quickstart")
     os.makedirs(log_dir, exist_ok=True)

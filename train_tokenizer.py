@@ -36,6 +36,7 @@ class Config:
     data_dir: str = "data/synthfaces/out"  # folder (or file) of the JSONL manifest, see train.py
     out_dir: str = "out/tokenizer"  # checkpoints, config.json, log.txt, recon grid
     init_from: str = "scratch"  # scratch | resume | <our ckpt.pt> (weights only) | infinity:<official vae .pth>
+    train_params: str = "all"  # all | decoder (the encoder frozen: every image keeps its codes, see build)
     # model (ignored when weights are loaded: the architecture comes from the checkpoint)
     base_ch: int = 32  # channels of the first level
     ch_mult: tuple = (1, 1, 2, 2)  # channel multiplier per level
@@ -148,6 +149,10 @@ def build(cfg, dist):
     identical on every rank."""
     vae, resumed = build_tokenizer(cfg)
     vae = vae.to(dist.device).train()
+    if cfg.train_params not in ("all", "decoder"):
+        raise UserError(f"--train_params={cfg.train_params!r}: use all or decoder")
+    if cfg.train_params == "decoder":  # BSQ has no weights: a frozen encoder gives every image the same codes, so
+        vae.encoder.requires_grad_(False)  # transformers trained on them stay valid while the decoder sharpens
     loss_fn = build_loss(cfg, vae, dist.device)
     params = [p for p in list(vae.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
