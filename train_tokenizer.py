@@ -5,6 +5,8 @@ Train the BSQ-VAE tokenizer, or fine-tune a copy of it into HEAR's high-frequenc
   face encoder (Eq. (1)-(2)):      python train_tokenizer.py --preset=synthfaces_face   (from the shipped tokenizer)
   official VAE -> face encoder:    torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset=infinity_face \
                                      --init_from=infinity:weights/infinity_vae_d32reg.pth --data_dir=data/faces
+  sharpen the decoder only:        python train_tokenizer.py --init_from=<ckpt.pt> --train_params=decoder
+                                     (the codes stay bit-identical: transformers trained on them need no retraining)
   resume any run:                  python train_tokenizer.py --preset=... --init_from=resume
   (SIGTERM / Ctrl-C, a NaN loss, a lost rank: as in train.py, see checkpoint.Faults)
 
