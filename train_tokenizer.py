@@ -149,10 +149,10 @@ def build_loss(cfg, vae, device):
 def build(cfg, dist):
     """-> (vae, loss, optimizer, start step, steps skipped so far): new, fine-tuned from a checkpoint, or resumed;
     identical on every rank."""
-    vae, resumed = build_tokenizer(cfg)
-    vae = vae.to(dist.device).train()
     if cfg.train_params not in ("all", "decoder"):
         raise UserError(f"--train_params={cfg.train_params!r}: use all or decoder")
+    vae, resumed = build_tokenizer(cfg)
+    vae = vae.to(dist.device).train()
     if cfg.train_params == "decoder":  # BSQ has no weights: a frozen encoder gives every image the same codes, so
         vae.encoder.requires_grad_(False)  # transformers trained on them stay valid while the decoder sharpens
     loss_fn = build_loss(cfg, vae, dist.device)

@@ -78,7 +78,7 @@ def test_decoder_fine_tune_keeps_every_code(tiny_manifest, tmp_path):
             q = vae.quantize(vae.encode(x))
             bits.append(q["bits"]), recon.append(vae.decode(q["z"]))
     assert all(torch.equal(a, b) for a, b in zip(*bits))
-    assert (recon[0] - recon[1]).abs().max() > 1e-2  # 6 AdamW steps at lr 3e-3 move every decoder weight by ~1e-2
+    assert (recon[0] - recon[1]).abs().max() > 0.1  # 6 AdamW steps at lr 3e-3: measured 1.1 on images in [-1, 1]
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, tiny_manifest):
