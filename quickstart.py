@@ -85,7 +85,8 @@ def judge_and_tokenizer(cfg):
 def stages(cfg):
     """[(name, command, output that marks it done)] in pipeline order."""
     py, d, o, w, args = sys.executable, cfg.data_dir, cfg.out_dir, cfg.weights_dir, STAGE_ARGS[cfg.preset]
-    tok, face, base, hear = (os.path.join(o, n) for n in ("tokenizer", "face_encoder", "base", "hear"))
+    tok, face, base, hear, dec = (os.path.join(o, n) for n in ("tokenizer", "face_encoder", "base", "hear",
+                                                               "tokenizer_decoder"))
     dev, scratch, with_base = f"--device={cfg.device}", cfg.foundation == "scratch", "base" in args
     judge, tok_ckpt = judge_and_tokenizer(cfg)
     init = f"{base}/ckpt.pt" if with_base else f"{w}/base.pt"
@@ -108,8 +109,7 @@ def stages(cfg):
                 f"{hear}/ckpt.pt"))
     if "decoder" in args:  # the tokenizer's decoder sharpened on frozen codes: every stage above stays valid on it
         out.append(("tokenizer decoder", [py, "train_tokenizer.py", *args["decoder"], f"--data_dir={d}",
-                                          f"--out_dir={o}/tokenizer_decoder", f"--init_from={tok_ckpt}", dev],
-                    f"{o}/tokenizer_decoder/ckpt.pt"))
+                                          f"--out_dir={dec}", f"--init_from={tok_ckpt}", dev], f"{dec}/ckpt.pt"))
     return out
 
 
