@@ -48,13 +48,14 @@ STAGE_ARGS = {
     "synthfaces": {"tokenizer": ["--preset=synthfaces"], "face": ["--preset=synthfaces_face"],
                    "hear": ["--preset=synthfaces_hear"], "hear_scratch": ["--preset=synthfaces"], "eval": []},
     "foundation": {"tokenizer": ["--preset=synthfaces", "--max_iters=6000", "--eval_interval=1000"],
-                   "face": ["--preset=synthfaces_face"], "base": ["--preset=synthfaces_base"],
+                   "face": ["--preset=synthfaces_face"], "text": [], "base": ["--preset=synthfaces_base"],
                    "hear": ["--preset=synthfaces_hear", "--max_iters=12000", "--compile=True"],
                    "decoder": ["--preset=synthfaces", "--train_params=decoder", "--max_iters=10000",
                                "--learning_rate=5e-4", "--l1_weight=0.0", "--warmup_iters=100",
                                "--eval_interval=1000", "--log_interval=100"], "eval": []},
     "tiny": {"tokenizer": ["--preset=tiny"], "face": ["--preset=tiny", "--face_mask=True", "--id_weight=0.1"],
-             "base": ["--preset=tiny", "--use_global_face=False", "--use_hf_adapter=False"], "hear": ["--preset=tiny"],
+             "text": ["--preset=tiny"], "base": ["--preset=tiny", "--use_global_face=False", "--use_hf_adapter=False",
+                                                  "--train_text=False"], "hear": ["--preset=tiny"],
              "eval": ["--image_size=16", "--max_images=16", "--prompts_per_identity=1", "--gallery_ids=2"]},
 }
 # the slice of held-out data on which the shipped files' figures are recorded and re-checked (the first 5 held-out
@@ -85,8 +86,8 @@ def judge_and_tokenizer(cfg):
 def stages(cfg):
     """[(name, command, output that marks it done)] in pipeline order."""
     py, d, o, w, args = sys.executable, cfg.data_dir, cfg.out_dir, cfg.weights_dir, STAGE_ARGS[cfg.preset]
-    tok, face, base, hear, dec = (os.path.join(o, n) for n in ("tokenizer", "face_encoder", "base", "hear",
-                                                               "tokenizer_decoder"))
+    tok, face, text, base, hear, dec = (os.path.join(o, n) for n in ("tokenizer", "face_encoder", "text_encoder",
+                                                                     "base", "hear", "tokenizer_decoder"))
     dev, scratch, with_base = f"--device={cfg.device}", cfg.foundation == "scratch", "base" in args
     judge, tok_ckpt = judge_and_tokenizer(cfg)
     init = f"{base}/ckpt.pt" if with_base else f"{w}/base.pt"
@@ -99,9 +100,13 @@ def stages(cfg):
                                dev], tok_ckpt)]
     out.append(("face encoder", [py, "train_tokenizer.py", *args["face"], f"--data_dir={d}", f"--out_dir={face}",
                                  f"--init_from={tok_ckpt}", f"--id_net=judge:{judge}", dev], f"{face}/ckpt.pt"))
-    if with_base:  # the text-to-image base (no identity paths; its face encoder is never read: the tokenizer stands in)
+    if with_base:  # the text encoder, pretrained on captions, then the text-to-image base on it (no identity paths;
+        # its face encoder is never read: the tokenizer stands in)
+        out.append(("text encoder", [py, "train_text_encoder.py", *args["text"], f"--data_dir={d}",
+                                     f"--out_dir={text}", dev], f"{text}/ckpt.pt"))
         out.append(("base model", [py, "train.py", *args["base"], f"--data_dir={d}", f"--out_dir={base}",
-                                   f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={tok_ckpt}", dev], init))
+                                   f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={tok_ckpt}",
+                                   f"--text_init={text}/ckpt.pt", dev], init))
     hear_args = args["hear_scratch"] if scratch and not with_base else [*args["hear"], f"--init_from={init}"]
     out.append(("transformer", [py, "train.py", *hear_args, f"--data_dir={d}", f"--out_dir={hear}",
                                 f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face}/ckpt.pt",
@@ -246,9 +251,8 @@ def main(cfg):
         check_foundation(cfg.weights_dir)
     train, evals = stages(cfg), eval_stages(cfg)
     if cfg.force:
-        for path in [cfg.data_dir] + [os.path.join(cfg.out_dir, n) for n in ("tokenizer", "face_encoder", "base",
-                                                                           "hear", "tokenizer_decoder", "quickstart",
-                                                                           "check")]:
+        runs = ("tokenizer", "face_encoder", "text_encoder", "base", "hear", "tokenizer_decoder", "quickstart", "check")
+        for path in [cfg.data_dir] + [os.path.join(cfg.out_dir, n) for n in runs]:
             shutil.rmtree(path, ignore_errors=True)
     log_dir = os.path.join(cfg.out_dir, "quickstart")
     os.makedirs(log_dir, exist_ok=True)

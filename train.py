@@ -60,7 +60,9 @@ class Config:
     text_maxlen: int = 80  # longest caption in tokens (rows of the learned null caption)
     drop_path_rate: float = 0.0  # stochastic depth
     # text encoder
-    text_encoder: str = "tiny"  # tiny (T5 encoder trained jointly, vocab <data_dir>/tokenizer.json) | <flan-t5 folder>
+    text_encoder: str = "tiny"  # tiny (a small T5 over the vocab <data_dir>/tokenizer.json) | <flan-t5 folder> (frozen)
+    text_init: str = ""  # the tiny T5's starting weights: a train_text_encoder.py checkpoint ("" = random)
+    train_text: bool = True  # train the tiny T5 with the transformer (False: frozen, as the paper's Flan-T5)
     text_channels: int = 128  # Ct of the tiny T5 (>= 128)
     text_layers: int = 2  # tiny T5 layers
     text_heads: int = 4  # tiny T5 heads
@@ -118,11 +120,13 @@ PRESETS = {
                     "train_params": "adapter", "self_ref_prob": 0.0, "cosine_decay": False,  # the paper's recipe
                     "save_interval": 5000},
     # the synthfaces foundation's text-to-image base: no identity paths (the face encoder is never read)
+    # its text encoder pretrained on captions (train_text_encoder.py) and frozen, as HEAR's Flan-T5
     "synthfaces_base": {"out_dir": "out/base", "use_global_face": False, "use_hf_adapter": False, "max_iters": 12000,
-                        "face_encoder_ckpt": "out/tokenizer/ckpt.pt", "save_interval": 1000},
+                        "face_encoder_ckpt": "out/tokenizer/ckpt.pt", "save_interval": 1000,
+                        "text_init": "out/text_encoder/ckpt.pt", "train_text": False},
     # HEAR fine-tuned on the shipped base (quickstart.py): the identity paths are new, the rest starts pretrained
     "synthfaces_hear": {"init_from": "weights/synthfaces/base.pt", "tokenizer_ckpt": "weights/synthfaces/tokenizer.pt",
-                        "global_face": "judge:weights/synthfaces/judge.pt", "max_iters": 400,
+                        "global_face": "judge:weights/synthfaces/judge.pt", "max_iters": 400, "train_text": False,
                         "compile": False},  # a short run: compiling would cost more than it saves
     "tiny": {"depth": 2, "embed_dim": 64, "num_heads": 4, "image_size": 16, "face_size": 16, "hf_first_scale": 2,
              "batch_size": 4, "max_iters": 4, "warmup_iters": 1, "log_interval": 1, "save_interval": 2,
@@ -170,6 +174,21 @@ def param_groups(module, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def read_text_init(cfg):
+    """The --text_init checkpoint of train_text_encoder.py (or None): a pretrained tiny T5 and its vocabulary."""
+    if not cfg.text_init:
+        return None
+    if cfg.text_encoder != "tiny":
+        raise UserError(f"--text_init is for the tiny T5; --text_encoder={cfg.text_encoder} brings its own weights")
+    if not os.path.isfile(cfg.text_init):
+        raise UserError(f"--text_init={cfg.text_init}: not found; make it with python train_text_encoder.py "
+                        "(or pass --text_init= to train the text encoder from nothing)")
+    ckpt = load_checkpoint(cfg.text_init)
+    if "text_encoder" not in ckpt or "head" not in ckpt:
+        raise UserError(f"--text_init={cfg.text_init}: not a train_text_encoder.py checkpoint")
+    return ckpt
+
+
 def build_model(cfg, vae, face_enc, global_enc, resumed, master):
     """-> (text encoder, caption tokenizer, HEAR transformer, text trainable?): resumed, new, official weights, or a
     base (init_from=<a train.py checkpoint>: its transformer as official weights are loaded, and its text encoder)."""
@@ -177,19 +196,23 @@ def build_model(cfg, vae, face_enc, global_enc, resumed, master):
     base_ckpt = load_checkpoint(base) if base else None
     if base and "model_config" not in base_ckpt:
         raise UserError(f"--init_from={base}: not a train.py checkpoint (no model_config); pass a base model's ckpt.pt")
-    vocab = (resumed or base_ckpt or {}).get("caption_tokenizer")
+    text_ckpt = read_text_init(cfg) if resumed is None and base is None else None  # a base brings its own
+    vocab = (resumed or base_ckpt or text_ckpt or {}).get("caption_tokenizer")
     if cfg.text_encoder == "tiny" and vocab is None:
         vocab = read_vocab(cfg.data_dir)
-    text_cfg = (resumed or base_ckpt or {"config": vars(cfg)})["config"]  # a base or the resumed run fixes its sizes
-    text_enc, caption_tokenizer, train_text = build_text_encoder(cfg.text_encoder, vocab, text_cfg["text_channels"],
-                                                                 text_cfg["text_layers"], text_cfg["text_heads"])
-    if base and train_text:
-        load_strict(text_enc, base_ckpt["text_encoder"], base)
+    text_cfg = (resumed or base_ckpt or text_ckpt or {"config": vars(cfg)})["config"]  # its sizes win over the CLI's
+    text_enc, caption_tokenizer, tiny = build_text_encoder(cfg.text_encoder, vocab, text_cfg["text_channels"],
+                                                           text_cfg["text_layers"], text_cfg["text_heads"])
+    sources = ((base, base_ckpt), (cfg.text_init, text_ckpt), (os.path.join(cfg.out_dir, "ckpt.pt"), resumed))
+    for source, ckpt in sources:
+        if tiny and ckpt is not None:  # at most one of the three is set
+            load_strict(text_enc, ckpt["text_encoder"], source)
+    train_text = tiny and cfg.train_text
+    if tiny and not train_text:
+        text_enc.requires_grad_(False)
     if resumed is not None:  # the architecture comes from the checkpoint
         hear = hear_model.HEARTransformer(hear_model.ModelConfig(**resumed["model_config"]))
         load_strict(hear, resumed["model"], os.path.join(cfg.out_dir, "ckpt.pt"))
-        if train_text:
-            load_strict(text_enc, resumed["text_encoder"], os.path.join(cfg.out_dir, "ckpt.pt"))
     else:
         global_dim = face_enc.cfg.codebook_dim if global_enc is None else global_enc.dim
         official = cfg.init_from.removeprefix("infinity:") if cfg.init_from.startswith("infinity:") else None
