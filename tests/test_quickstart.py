@@ -21,6 +21,10 @@ def test_every_stage_command_parses_with_its_script_config(argv, tmp_path):
     # the shipped foundation's quick start trains only what HEAR adds; the others train every part
     assert ("judge" in names, "tokenizer" in names) == ((cfg.foundation == "scratch",) * 2)
     assert ("base model" in names) == (cfg.preset in ("foundation", "tiny"))
+    if "base model" in names:  # the base reads the text encoder pretrained just before it
+        by_name = {name: (command, output) for name, command, output in qs.stages(cfg)}
+        text, base = by_name["text encoder"][1], by_name["base model"][0]
+        assert names.index("text encoder") + 1 == names.index("base model") and f"--text_init={text}" in base
     hear = next(command for name, command, _ in qs.stages(cfg) if name == "transformer")
     judge = qs.judge_and_tokenizer(cfg)[0]  # the run's own judge gives HEAR its global face tokens
     assert f"--global_face=judge:{judge}" in hear
