@@ -109,15 +109,19 @@ def judge_scores(judge, images, ref_embs, own, attrs, traits=None):
     in a real photo), top-1 retrieval among the N, and prompt adherence over the prompt's attributes (B dicts). With
     traits (the true traits of each image's reference person, B dicts) and a judge with trait readers, also
     coarse_trait and fine_trait: the share of those traits read off the face. Each attribute's own hits come as
-    "prompt_<attribute>" (B,): which part of a prompt a model misses."""
+    "prompt_<attribute>" (B,): which part of a prompt a model misses; "prompt_misbound" (B,) is the share of a
+    prompt's attributes drawn with a value the prompt gives another one (the shirt's colour on the wall): words
+    bound to the wrong thing."""
     boxes = judge.detect(images)  # (B, 4): one detection serves FaceSim and the trait readers
     sims = face_embeddings(judge, images, boxes) @ ref_embs.T  # (B, N)
     logits = judge.classify(images)
-    hits = {a: torch.tensor([float(logits[a][b].argmax() == judge.attributes[a].index(at[a])) for b, at in
-                             enumerate(attrs)]) for a in attrs[0]}  # {attribute: (B,)}; all B name the same ones
+    read = [{a: judge.attributes[a][logits[a][b].argmax()] for a in at} for b, at in enumerate(attrs)]
+    hits = {a: torch.tensor([float(r[a] == at[a]) for r, at in zip(read, attrs)]) for a in attrs[0]}  # {a: (B,)}
+    misbound = [sum(r[a] != v and r[a] in {w for k, w in at.items() if k != a} for a, v in at.items()) / len(at)
+                for r, at in zip(read, attrs) if at]
     out = {"face_sim": sims[torch.arange(len(own)), own], "top1": (sims.argmax(1) == own).float(),
            "prompt_acc": torch.stack(list(hits.values()), 1).flatten() if hits else torch.zeros(0)}
-    out |= {f"prompt_{a}": h for a, h in hits.items()}
+    out |= {f"prompt_{a}": h for a, h in hits.items()} | ({"prompt_misbound": torch.tensor(misbound)} if hits else {})
     return out | (judge.trait_scores(images, traits, boxes) if traits is not None and judge.traits is not None else {})
 
 

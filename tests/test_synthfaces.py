@@ -192,6 +192,17 @@ def test_judge_api(trained, data_dir):
             for a in C.ATTRIBUTES}
     assert {a: scores[f"prompt_{a}"].tolist() for a in C.ATTRIBUTES} == hand
     assert scores["prompt_acc"].mean().item() == pytest.approx(sum(map(sum, hand.values())) / (4 * len(hand)))
+    # a miss whose read value is one the prompt gives another attribute is misbound; swapping a prompt's background
+    # and clothing colours turns those two reads into misbound ones exactly when they were hits
+    read = [{a: C.ATTRIBUTES[a][logits[a][b].argmax()] for a in C.ATTRIBUTES} for b in range(4)]
+    swapped = [{**at, "background": at["clothing"], "clothing": at["background"]} for at in attrs]
+    misbound = judge_scores(judge, images, judge.embed(crops, "eval"), torch.arange(4), swapped)["prompt_misbound"]
+    for b, at in enumerate(swapped):
+        wrong = [a for a in at if read[b][a] != at[a] and read[b][a] in {v for k, v in at.items() if k != a}]
+        assert misbound[b].item() == pytest.approx(len(wrong) / len(at))
+        if at["background"] != at["clothing"]:  # the read that matched the true caption is now another's value
+            assert {"background", "clothing"} & set(wrong) >= {a for a in ("background", "clothing")
+                                                               if read[b][a] == attrs[b][a]}
     for which in ("eval", "loss"):
         e = judge.embed(crops, which)
         assert e.shape == (4, judge.id_eval.embed[1].out_features) and torch.allclose(e.norm(dim=1), torch.ones(4))
