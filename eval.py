@@ -50,7 +50,7 @@ class Config:
     # generation
     ckpt: str = "out/hear/ckpt.pt"  # the train.py checkpoint
     prompts_per_identity: int = 4  # prompts (captions of other images) per held-out identity
-    cfg: float = 1.5  # classifier-free guidance scale (synthfaces; infinity_2b preset: the official 3)
+    cfg: float = 3.0  # classifier-free guidance scale (the official Infinity default; docs/foundation.md on synthfaces)
     tau: float = 0.5  # logit temperature of the bit sampler (synthfaces; infinity_2b preset: 1)
     id_scale: float = 1.0  # lambda of Eq. (7)
     seed: int = 0  # sampling seed
@@ -75,7 +75,7 @@ class Config:
     metrics: str = "out/hear/metrics.jsonl"  # train.py's metrics.jsonl
 
 
-PRESETS = {"synthfaces": {}, "infinity_2b": {"cfg": 3.0, "tau": 1.0}}  # the sampler of the paper's scale
+PRESETS = {"synthfaces": {}, "infinity_2b": {"tau": 1.0}}  # the sampler of the paper's scale
 
 
 def write_table(table, cfg):

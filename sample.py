@@ -39,7 +39,7 @@ class Config:
     negative_prompt: str = ""  # optional negative prompt (else the learned null caption)
     out: str = "out/samples/sample.png"  # output PNG (a grid of num_samples)
     num_samples: int = 4  # images for this face + prompt
-    cfg: float = 1.5  # classifier-free guidance scale (synthfaces; infinity_2b preset: the official 3)
+    cfg: float = 3.0  # classifier-free guidance scale (the official Infinity default; docs/foundation.md on synthfaces)
     tau: float = 0.5  # logit temperature (synthfaces; infinity_2b preset: 1)
     top_k: int = 900  # top-k on the 2-way bit logits (a no-op >= 2, kept for parity with the official sampler)
     top_p: float = 0.97  # top-p on the bit logits
@@ -59,7 +59,7 @@ class Config:
 
 
 PRESETS = {"synthfaces": {},
-           "infinity_2b": {"face_detector": "auto", "ckpt": "out/hear_2b/ckpt.pt", "cfg": 3.0, "tau": 1.0}}
+           "infinity_2b": {"face_detector": "auto", "ckpt": "out/hear_2b/ckpt.pt", "tau": 1.0}}
 
 
 def validate(cfg):

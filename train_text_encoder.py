@@ -56,7 +56,7 @@ class Config:
 
 
 PRESETS = {"synthfaces": {},
-           "tiny": {"text_channels": 128, "text_layers": 1, "text_heads": 2, "batch_size": 8, "max_iters": 6,
+           "tiny": {"text_layers": 1, "text_heads": 2, "batch_size": 8, "max_iters": 6,
                     "warmup_iters": 1, "log_interval": 1, "save_interval": 3}}
 
 
