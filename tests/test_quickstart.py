@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import quickstart as qs
+import train
 from checkpoint import load_checkpoint, save_checkpoint
 from common import UserError, parse_config
 
@@ -39,13 +40,26 @@ def test_every_stage_command_parses_with_its_script_config(argv, tmp_path):
         parse_config(module.Config, module.PRESETS, argv)  # raises UserError on an unknown key or a bad value
 
 
+def test_hear_iters_sets_the_fine_tune_length_and_is_checked(tmp_path):
+    def hear_command(*argv):
+        cfg = parse_config(qs.Config, qs.PRESETS, [*argv, f"--out_dir={tmp_path}"])
+        return next(command for name, command, _ in qs.stages(cfg) if name == "transformer")
+    assert not any(a.startswith("--max_iters") for a in hear_command())  # the preset's 400
+    for argv in (["--hear_iters=1000"], ["--preset=foundation", "--hear_iters=1000"]):  # after the preset's: it wins
+        assert parse_config(train.Config, train.PRESETS, hear_command(*argv)[2:]).max_iters == 1000
+    with pytest.raises(UserError, match="--hear_iters=-1: must be >= 1"):
+        qs.main(parse_config(qs.Config, qs.PRESETS, ["--hear_iters=-1", f"--out_dir={tmp_path}"]))
+
+
 def test_progress_of_a_training_stage(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     assert qs.progress(ckpt) == "missing"
     save_checkpoint({"step": 2, "config": {"max_iters": 4}}, ckpt)
     assert qs.progress(ckpt) == "partial"
     save_checkpoint({"step": 4, "config": {"max_iters": 4}}, ckpt)
-    assert qs.progress(ckpt) == "done"
+    assert qs.progress(ckpt) == "done" and qs.progress(ckpt, 4) == "done"
+    with pytest.raises(UserError, match="is a 4-step run, not 10: rerun with --force=True"):
+        qs.progress(ckpt, 10)  # another length: resuming would mix two schedules
 
 
 def test_complete_stages_are_skipped_and_a_partial_one_resumes(tmp_path, monkeypatch, capsys):
