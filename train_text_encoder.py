@@ -114,12 +114,13 @@ def main(cfg):
             group["lr"] = lr_schedule(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
         inputs, chosen, attn, target = (t.to(device) for t in (inputs, chosen, mask[pick], ids[pick]))
         features = encoder(input_ids=inputs, attention_mask=attn).last_hidden_state  # (B, T, Ct)
-        logits = head(features[chosen])  # (n, vocab)
-        loss = F.cross_entropy(logits, target[chosen])
+        logits = head(features[chosen])  # (n, vocab); n = 0 is possible with a few short captions: a zero loss then
+        loss = F.cross_entropy(logits, target[chosen]) if chosen.any() else features.sum() * 0
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        window.append((loss.item(), (logits.argmax(-1) == target[chosen]).float().mean().item()))
+        hits = (logits.argmax(-1) == target[chosen]).float()
+        window.append((loss.item(), hits.mean().item() if len(hits) else 0.0))
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
             loss_avg, acc = (sum(w[k] for w in window) / len(window) for k in range(2))

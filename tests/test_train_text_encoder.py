@@ -66,3 +66,10 @@ def test_bad_text_init_is_a_one_line_error(tiny_run, tmp_path):
         train.main(parse_config(train.Config, train.PRESETS, [*base, f"--text_init={tok_ckpt}"]))
     with pytest.raises(UserError, match="use scratch or resume"):
         pretrain(data, str(tmp_path / "t"), f"--init_from={tok_ckpt}")
+
+
+def test_a_batch_with_no_word_chosen_is_a_zero_loss_not_a_nan(tiny_manifest, tmp_path):
+    ckpt = load_checkpoint(pretrain(tiny_manifest, str(tmp_path / "t"), "--mask_prob=0.0"))
+    assert all(torch.isfinite(w).all() for w in ckpt["text_encoder"].values())
+    lines = [line for line in open(tmp_path / "t" / "log.txt") if "| loss " in line]
+    assert len(lines) == 6 and all("loss 0.0000 | masked-word accuracy 0.000" in line for line in lines)
