@@ -60,6 +60,8 @@ STAGE_ARGS = {
                                                   "--train_text=False"], "hear": ["--preset=tiny"],
              "eval": ["--image_size=16", "--max_images=16", "--prompts_per_identity=1", "--gallery_ids=2"]},
 }
+# each training stage's run folder under out_dir, in pipeline order (--force=True deletes them)
+RUN_DIRS = ("tokenizer", "face_encoder", "text_encoder", "base", "hear", "tokenizer_decoder")
 # the slice of held-out data on which the shipped files' figures are recorded and re-checked (the first 5 held-out
 # identities of the full data set, 3 images each: identities are drawn from (seed, split, ordinal) alone)
 CHECK_SLICE = ["--preset=synthfaces", "--train_ids=1", "--test_ids=5", "--test_images=3", "--sheet_copy=",
@@ -88,8 +90,7 @@ def judge_and_tokenizer(cfg):
 def stages(cfg):
     """[(name, command, output that marks it done)] in pipeline order."""
     py, d, o, w, args = sys.executable, cfg.data_dir, cfg.out_dir, cfg.weights_dir, STAGE_ARGS[cfg.preset]
-    tok, face, text, base, hear, dec = (os.path.join(o, n) for n in ("tokenizer", "face_encoder", "text_encoder",
-                                                                     "base", "hear", "tokenizer_decoder"))
+    tok, face, text, base, hear, dec = (os.path.join(o, n) for n in RUN_DIRS)
     dev, scratch, with_base = f"--device={cfg.device}", cfg.foundation == "scratch", "base" in args
     judge, tok_ckpt = judge_and_tokenizer(cfg)
     init = f"{base}/ckpt.pt" if with_base else f"{w}/base.pt"
@@ -261,8 +262,7 @@ def main(cfg):
         check_foundation(cfg.weights_dir)
     train, evals = stages(cfg), eval_stages(cfg)
     if cfg.force:
-        runs = ("tokenizer", "face_encoder", "text_encoder", "base", "hear", "tokenizer_decoder", "quickstart", "check")
-        for path in [cfg.data_dir] + [os.path.join(cfg.out_dir, n) for n in runs]:
+        for path in [cfg.data_dir] + [os.path.join(cfg.out_dir, n) for n in RUN_DIRS + ("quickstart", "check")]:
             shutil.rmtree(path, ignore_errors=True)
     log_dir = os.path.join(cfg.out_dir, "quickstart")
     os.makedirs(log_dir, exist_ok=True)
