@@ -352,7 +352,7 @@ def sample_bits(logits, top_k=900, top_p=0.97, generator=None):
 
 def bitwise_loss(logits, bits, token_weights=None):
     """Bitwise classifier loss [Infinity]: cross-entropy of the d two-way classifiers, mean over bits, weighted sum
-    over tokens (uniform 1/L when token_weights (L,) is None), mean over the batch.
+    over tokens (token_weights (L,), or (B, L) one row per sample; None: uniform 1/L), mean over the batch.
     logits (B, L, 2d), bits (B, L, d) in {0, 1} -> scalar."""
     B, L, d = bits.shape
     ce = F.cross_entropy(logits.float().view(B, L, d, 2).permute(0, 3, 1, 2), bits.long(), reduction="none")  # (B,L,d)

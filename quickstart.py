@@ -39,7 +39,7 @@ class Config:
     data_dir: str = "data/synthfaces/out"  # the synthfaces data (and, with --foundation=scratch, its judge)
     out_dir: str = "out"  # every stage's run folder, and quickstart/ (logs, pictures, tables)
     force: bool = False  # rerun every stage (deletes the previous outputs of the stages first)
-    hear_iters: int = 0  # HEAR fine-tune steps (0: the preset's; the quick start's 400 fit 10 min on the slowest CPUs)
+    hear_iters: int = 0  # HEAR fine-tune steps (0: the preset's; the quick start's 500 fit 10 min on the slowest CPUs)
     device: str = "auto"  # auto | cpu | cuda (passed to every stage)
 
 
@@ -51,7 +51,9 @@ STAGE_ARGS = {
                    "hear": ["--preset=synthfaces_hear"], "hear_scratch": ["--preset=synthfaces"], "eval": []},
     "foundation": {"tokenizer": ["--preset=synthfaces", "--max_iters=6000", "--eval_interval=1000"],
                    "face": ["--preset=synthfaces_face"], "text": [], "base": ["--preset=synthfaces_base"],
-                   "hear": ["--preset=synthfaces_hear", "--max_iters=12000", "--compile=True"],
+                   # the shipped hear.pt: train.py's schedule and uniform token weights (the preset's suit short runs)
+                   "hear": ["--preset=synthfaces_hear", "--max_iters=12000", "--compile=True", "--warmup_iters=50",
+                            "--min_lr_ratio=0.1", "--face_loss_weight=1"],
                    "decoder": ["--preset=synthfaces", "--train_params=decoder", "--max_iters=10000",
                                "--learning_rate=5e-4", "--l1_weight=0.0", "--warmup_iters=100",
                                "--eval_interval=1000", "--log_interval=100"], "eval": []},

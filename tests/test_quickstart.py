@@ -44,7 +44,7 @@ def test_hear_iters_sets_the_fine_tune_length_and_is_checked(tmp_path):
     def hear_command(*argv):
         cfg = parse_config(qs.Config, qs.PRESETS, [*argv, f"--out_dir={tmp_path}"])
         return next(command for name, command, _ in qs.stages(cfg) if name == "transformer")
-    assert not any(a.startswith("--max_iters") for a in hear_command())  # the preset's 400
+    assert not any(a.startswith("--max_iters") for a in hear_command())  # the preset's 500
     for argv in (["--hear_iters=1000"], ["--preset=foundation", "--hear_iters=1000"]):  # after the preset's: it wins
         assert parse_config(train.Config, train.PRESETS, hear_command(*argv)[2:]).max_iters == 1000
     with pytest.raises(UserError, match="--hear_iters=-1: must be >= 1"):
