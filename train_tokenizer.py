@@ -84,7 +84,7 @@ PRESETS = {
     "synthfaces": {},
     "synthfaces_face": {"out_dir": "out/face_encoder", "init_from": "weights/synthfaces/tokenizer.pt",
                         "id_net": "judge:weights/synthfaces/judge.pt", "face_mask": True, "id_weight": 0.1,
-                        "max_iters": 100, "learning_rate": 3e-4, "warmup_iters": 10, "eval_interval": 100,
+                        "max_iters": 60, "learning_rate": 3e-4, "warmup_iters": 10, "eval_interval": 60,
                         "log_interval": 25},
     "infinity_face": {"out_dir": "out/face_encoder_2b", "init_from": "infinity:weights/infinity_vae_d32reg.pth",
                       "image_size": 256, "batch_size": 64, "max_iters": 20000, "learning_rate": 1e-5,
