@@ -309,6 +309,8 @@ def face_token_weights(boxes, schedule, token_weights, alpha):
     as fractions of the width and height (state.boxes)."""
     if alpha == 1:
         return token_weights
+    # Eq. (2) [HEAR] on the tokens. NOTE: differs from [HEAR], which weighs the face box only in the face encoder's
+    # pixel losses; the transformer's loss weighs every token alike there (alpha = 1, the default and the paper presets)
     masks = [fe.face_mask(boxes * torch.tensor([w, h, w, h]), h, w, alpha).flatten(1) for h, w in schedule]
     weights = token_weights * torch.cat(masks, 1).to(token_weights.device)  # (B, L)
     return weights / weights.sum(1, keepdim=True)
