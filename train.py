@@ -33,8 +33,8 @@ import model as hear_model
 import tokenizer as tok
 from checkpoint import Faults, init_after_restart, load_checkpoint, load_strict, poison, save_checkpoint
 from common import UserError, autocast, cli, log, lr_schedule, run_info, save_config, seeded_generator, setup_device
-from data.manifest import (aspect_buckets, epoch_batches, geometry, identity_pools, load_example, load_face_crop,
-                           pick_references, read_manifest)
+from data.manifest import (aspect_buckets, caption, epoch_batches, geometry, identity_pools, load_example,
+                           load_face_crop, pick_references, read_manifest)
 from metrics import peak_flops
 from pipeline import TextToBits, build_hear, build_text_encoder, face_conditions, load_tokenizer, read_vocab
 
@@ -78,6 +78,7 @@ class Config:
     face_size: int = 64  # reference face crop size for the face encoder
     crop_scale: float = 1.4  # reference crop side / max(face box w, h) when a record has no crop_path (synthfaces' own)
     short_caption_prob: float = 0.5  # P(short caption) (paper: 0.5)
+    person_caption_prob: float = 0.0  # P(a short caption also gets its record's caption_person: the person's looks)
     self_ref_prob: float = 0.5  # P(reference = the target's own face), else another image of the person (paper: 0)
     cache_features: bool = True  # keep frozen tokenizer latents / face tokens in memory (small datasets)
     # optimisation (paper: AdamW lr 1e-4, wd 0.01)
@@ -121,10 +122,11 @@ PRESETS = {
                     "train_params": "adapter", "self_ref_prob": 0.0, "cosine_decay": False,  # the paper's recipe
                     "save_interval": 5000},
     # the synthfaces foundation's text-to-image base: no identity paths (the face encoder is never read)
-    # its text encoder pretrained on captions (train_text_encoder.py) and frozen, as HEAR's Flan-T5
+    # its text encoder pretrained on captions (train_text_encoder.py) and frozen, as HEAR's Flan-T5; most short
+    # captions also describe the person, as web captions do, so the base can draw a person from words
     "synthfaces_base": {"out_dir": "out/base", "use_global_face": False, "use_hf_adapter": False, "max_iters": 12000,
                         "face_encoder_ckpt": "out/tokenizer/ckpt.pt", "save_interval": 1000,
-                        "text_init": "out/text_encoder/ckpt.pt", "train_text": False},
+                        "text_init": "out/text_encoder/ckpt.pt", "train_text": False, "person_caption_prob": 0.7},
     # HEAR fine-tuned on the shipped base (quickstart.py): the identity paths are new, the rest starts pretrained. A
     # short run: the lr stays high longer (warmup 20, cosine to 0.3x) and the face tokens weigh 5x; compiling would
     # cost more than it saves (docs/foundation.md, the quick start's fine-tune: trials)
@@ -344,8 +346,9 @@ def train_step(state, cfg, batch, template):
     token_weights = hear_model.scale_loss_weights(schedule, cfg.reweight_by_scale).to(dist.device)  # (L,)
     # per-sample randomness of the GLOBAL batch comes from (seed, step): identical for any world size
     g = seeded_generator(cfg.seed, step)
-    use_short, drop, ref_u = (torch.rand(cfg.batch_size, generator=g) for _ in range(3))
-    use_short, drop = use_short < cfg.short_caption_prob, drop < cfg.cond_drop_prob
+    use_short, drop, ref_u, person = (torch.rand(cfg.batch_size, generator=g) for _ in range(4))
+    use_short, drop, person = (use_short < cfg.short_caption_prob, drop < cfg.cond_drop_prob,
+                               person < cfg.person_caption_prob)
     bsc_gen = seeded_generator(cfg.seed, step, dist.rank, device=dist.device)  # Eq. (11) flips, per rank
     # the global RNG (stochastic depth masks) restarts each step from (seed, step, rank), a stream of its own (the
     # trailing 1; seeded_generator's hash): ranks draw different masks, and a resumed run, at any world size, draws
@@ -362,7 +365,7 @@ def train_step(state, cfg, batch, template):
                                                    bsc_gen)  # Eq. (11)-(12)
         refs = pick_references(state.records, state.pools, idx, ref_u[lo: lo + micro], cfg.self_ref_prob)
         v_g, v_hf = reference_tokens(state, cfg, refs)
-        texts = [state.records[i]["caption_short" if use_short[lo + j] else "caption_long"] for j, i in enumerate(idx)]
+        texts = [caption(state.records[i], use_short[lo + j], person[lo + j]) for j, i in enumerate(idx)]
         ids = state.caption_tokenizer(texts, padding=True, truncation=True, max_length=cfg.text_maxlen,
                                       return_tensors="pt")
         if state.ddp is not None:  # sync gradients on the last micro-step only

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from checkpoint import init_after_restart, load_checkpoint, save_checkpoint
 from common import UserError, cli, log, lr_schedule, resolve_device, run_info, save_config, seeded_generator
-from data.manifest import read_manifest
+from data.manifest import caption, read_manifest
 from pipeline import build_text_encoder, read_vocab
 
 PAD, EOS, MASK = 0, 1, 2  # prepare.py's vocabulary: <pad>, </s>, <unk> (the mask token here)
@@ -61,9 +61,11 @@ PRESETS = {"synthfaces": {},
 
 
 def caption_ids(cfg, caption_tokenizer):
-    """Every short and long caption of the training split -> ids (N, T) padded with 0, attention mask (N, T)."""
+    """Every short and long caption of the training split, and every short one with its person's looks where the
+    manifest has them (the base's captions, train.py --person_caption_prob) -> ids (N, T) padded with 0, mask (N, T)."""
     records = read_manifest(cfg.data_dir, "train")
-    captions = [r[k] for r in records for k in ("caption_short", "caption_long")]
+    captions = [caption(r, short) for r in records for short in (True, False)]
+    captions += [caption(r, True, True) for r in records if r.get("caption_person")]
     ids = caption_tokenizer(captions, padding=True, return_tensors="pt")
     return ids["input_ids"], ids["attention_mask"]
 

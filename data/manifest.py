@@ -12,6 +12,8 @@ One JSON object per line (JSONL). Paths are relative to the manifest's folder un
   crop_path      str    optional: aligned square face crop, the reference image (else cut from face_box)
   identity       str    optional: identity id (evaluation, reference sampling); records without one are their own
   split          str    optional: "train" (default) or "test" (held-out identities, evaluation only)
+  caption_person str    optional: the person's looks in words; train.py --person_caption_prob appends it to a short
+                        caption (the synthfaces base learns to draw a person from words; HEAR's captions leave it out)
   attributes     dict   optional: prompt-controlled attributes (synthfaces), used by eval.py
   source         str    optional: where the image came from (curate.py: a folder name, or "synthetic")
 """
@@ -57,6 +59,18 @@ def read_manifest(path, split=None):
     if not records:
         raise UserError(f"{path}: no records" + (f" with split={split!r}" if split else ""))
     return records
+
+
+def caption(rec, short, person=False):
+    """A record's training caption: short or long; `person` appends its caption_person to a short one."""
+    if not short:
+        return rec["caption_long"]
+    if not person:
+        return rec["caption_short"]
+    if not rec.get("caption_person"):
+        raise UserError(f"{rec['path']}: no caption_person in its manifest record; rerun python -m "
+                        "data.synthfaces.prepare, or train with --person_caption_prob=0")
+    return f"{rec['caption_short']}, {rec['caption_person']}"
 
 
 # -----------------------------------------------------------------------------

@@ -152,7 +152,8 @@ def write_manifest(folder, n_train=12, n_test=4, size=16, seed=0):
             colour = ["red", "blue"][i % 2]
             rec = {"path": f"{i}.png", "face_box": [int(x0), int(y0), int(x0 + s), int(y0 + s)],
                    "caption_short": f"a face on {colour}", "caption_long": f"a person with a face on a {colour} wall",
-                   "identity": str(i % 3), "split": "train" if i < n_train else "test"}
+                   "caption_person": f"with a {['red', 'blue'][i % 3 % 2]} face", "identity": str(i % 3),
+                   "split": "train" if i < n_train else "test"}
             f.write(json.dumps(rec) + "\n")
     write_vocab(folder, ["a", "face", "on", "red", "blue", "person", "with", "wall"])
     return folder

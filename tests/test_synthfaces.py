@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from common import UserError, parse_config
-from data.manifest import read_manifest
+from data.manifest import caption, read_manifest
 from data.synthfaces import captions as C
 from data.synthfaces import judge as J
 from data.synthfaces import draw as D
@@ -62,7 +62,8 @@ def test_prepare_is_deterministic(data_dir, tmp_path):
 def test_manifest_fields_paths_and_splits(data_dir):
     cfg = parse_config(P.Config, P.PRESETS, ["--preset=tiny"])
     records = read_manifest(data_dir)
-    keys = {"path", "crop_path", "identity", "split", "attributes", "caption_short", "caption_long", "face_box"}
+    keys = {"path", "crop_path", "identity", "split", "attributes", "caption_short", "caption_long", "caption_person",
+            "face_box"}
     assert all(set(r) == keys for r in records)
     for r in records:
         assert Image.open(r["path"]).size == (cfg.resolution, cfg.resolution)
@@ -129,7 +130,7 @@ def test_tokenizer_round_trip(data_dir):
                                       eos_token="</s>", unk_token="<unk>")
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
     for r in read_manifest(data_dir)[:40]:
-        for text in (r["caption_short"], r["caption_long"]):
+        for text in (caption(r, True), caption(r, False), caption(r, True, person=True)):
             ids = tok(text)["input_ids"]
             assert ids[-1] == 1 and 2 not in ids and 0 not in ids  # </s> appended, nothing unknown, no padding
             words = re.findall(r"\w+|[^\w\s]+", text.lower())
@@ -137,6 +138,24 @@ def test_tokenizer_round_trip(data_dir):
     batch = tok(["photo of a calm person", "pencil sketch of an angry person in a red shirt"], padding=True)
     assert batch["input_ids"][0][-1] == 0 and batch["attention_mask"][0][-1] == 0
     assert tok("a zebra")["input_ids"] == [tok.convert_tokens_to_ids("a"), 2, 1]
+
+
+def test_person_phrase_names_each_identitys_traits_and_only_short_captions_get_it(data_dir):
+    """Every record's caption_person is the phrase of its identity's traits.json labels; the phrase tells every value
+    of every trait it names from the others (a base learns the looks from it), and draw.py's trait names are all
+    named but the mole count (which the judge cannot read either)."""
+    traits = J.read_traits(data_dir)
+    for r in read_manifest(data_dir):
+        assert r["caption_person"] == C.person_phrase(traits[r["identity"]])
+        assert caption(r, True, True) == f"{r['caption_short']}, {r['caption_person']}"
+        assert caption(r, False, True) == r["caption_long"]  # long captions stay without it (text_maxlen)
+    assert sorted(C.PERSON) == sorted(set(D.TRAITS) - {"moles"})
+    some = traits[next(iter(traits))]
+    for name in C.PERSON:
+        phrases = {C.person_phrase({**some, name: value}) for value in D.TRAITS[name]}
+        assert len(phrases) == len(D.TRAITS[name])
+    with pytest.raises(UserError, match="no caption_person"):
+        caption({"path": "x.png", "caption_short": "photo of a calm person"}, True, True)
 
 
 def test_traits_json_holds_each_identitys_drawn_traits(data_dir):

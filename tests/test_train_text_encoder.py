@@ -73,3 +73,28 @@ def test_a_batch_with_no_word_chosen_is_a_zero_loss_not_a_nan(tiny_manifest, tmp
     assert all(torch.isfinite(w).all() for w in ckpt["text_encoder"].values())
     lines = [line for line in open(tmp_path / "t" / "log.txt") if "| loss " in line]
     assert len(lines) == 6 and all("loss 0.0000 | masked-word accuracy 0.000" in line for line in lines)
+
+
+def test_person_captions_reach_the_text_encoder_and_the_base(tiny_run, tmp_path):
+    """The person's looks (caption_person) join the text encoder's corpus as short caption + phrase, and train.py
+    --person_caption_prob puts them in the base's captions: the same run with and without them differs only there;
+    a manifest without the field is a one-line error."""
+    data, tok_ckpt, face_ckpt = tiny_run
+    cfg = parse_config(tte.Config, tte.PRESETS, ["--preset=tiny", f"--data_dir={data}"])
+    ids, _ = tte.caption_ids(cfg, train.build_text_encoder("tiny", train.read_vocab(data), 32, 1, 2)[1])
+    assert len(ids) == 3 * 12  # short, long, short + looks of each of the 12 training images (4 held-out ones: none)
+    runs = []
+    for person in (0.0, 1.0):
+        out = str(tmp_path / f"person_{person}")
+        train.main(parse_config(train.Config, train.PRESETS, [
+            "--preset=tiny", f"--data_dir={data}", f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
+            f"--out_dir={out}", "--device=cpu", "--short_caption_prob=1", f"--person_caption_prob={person}"]))
+        runs.append(load_checkpoint(os.path.join(out, "ckpt.pt"))["model"])
+    assert any(not torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    path = os.path.join(data, "manifest.jsonl")
+    lines = [line.replace(', "caption_person"', ', "_"') for line in open(path)]
+    open(path, "w").writelines(lines)
+    with pytest.raises(UserError, match="no caption_person in its manifest record"):
+        train.main(parse_config(train.Config, train.PRESETS, [
+            "--preset=tiny", f"--data_dir={data}", f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
+            f"--out_dir={tmp_path / 'none'}", "--device=cpu", "--person_caption_prob=1"]))

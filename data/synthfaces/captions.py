@@ -1,8 +1,10 @@
 """
 What a synthfaces prompt can say: the attribute vocabulary (ATTRIBUTES), the short and long captions of a set of
 attribute values (build_caption) and their inverse (parse_caption), and the word-level caption tokenizer that covers
-every caption (build_tokenizer). A library (no command line): prepare.py writes the captions and tokenizer.json
-with it, the judge reads ATTRIBUTES from it, and prompts for a context are written with build_caption.
+every caption (build_tokenizer), and the phrase of an identity's looks (person_phrase: the base model learns to
+draw a person from words with it, as a web-trained text-to-image model has). A library (no command line):
+prepare.py writes the captions and tokenizer.json with it, the judge reads ATTRIBUTES from it, and prompts for a
+context are written with build_caption.
 """
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -55,6 +57,17 @@ LONG = {
                  "right": "Warm light falls from the right side"},
     "background": "in front of a plain {} wall",
 }
+# An identity's looks in words (draw.TRAITS values -> phrase), for the base model's training captions only: the
+# held-out prompts and HEAR's own captions never describe the person, whose looks must come from the reference face.
+PERSON = {"skin": "{} skin", "hair_color": "{} hair", "hair_style": "{} haircut", "eye_shape": "{} eyes",
+          "iris": "{} irises", "nose": "a {} nose", "ears": "{} ears", "facial_hair": "facial hair: {}",
+          "freckles": "freckles: {}"}
+
+
+def person_phrase(traits):
+    """An identity's trait labels {trait: value} (draw.trait_labels) -> 'with tone 3 skin, red hair, curly haircut,
+    ...' (every PERSON trait, in PERSON's order)."""
+    return "with " + ", ".join(PERSON[name].format(traits[name].replace("_", " ")) for name in PERSON)
 
 
 def _phrases(table, attrs):
@@ -106,8 +119,8 @@ def parse_caption(text):
 
 def build_tokenizer():
     """Word-level caption tokenizer (T5 conventions: <pad>=0, </s>=1, <unk>=2, '</s>' appended), lower-cased,
-    split on whitespace and punctuation. The vocabulary covers every phrase of every attribute value, so any
-    build_caption output is in-vocabulary whatever the sampled data."""
+    split on whitespace and punctuation. The vocabulary covers every phrase of every attribute value and every
+    person_phrase value, so any build_caption or person_phrase output is in-vocabulary whatever the sampled data."""
     pre = pre_tokenizers.Whitespace()  # regex \w+|[^\w\s]+
     words = set()
     for name, values in ATTRIBUTES.items():
@@ -118,6 +131,11 @@ def build_tokenizer():
                 attrs["accessory"], attrs["accessory_color"] = "none", "none"
             for long in (False, True):
                 words.update(w for w, _ in pre.pre_tokenize_str(build_caption(attrs, long).lower()))
+    from data.synthfaces.draw import TRAITS  # here, not at the top: draw.py imports ATTRIBUTES from this module
+    for name, values in TRAITS.items():
+        if name in PERSON:
+            words.update(w for value in values for w, _ in pre.pre_tokenize_str(
+                person_phrase({n: value for n in PERSON}).lower()))
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for w in sorted(words):
         vocab[w] = len(vocab)

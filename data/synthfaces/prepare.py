@@ -5,7 +5,9 @@ An *identity* is a seed that fixes face shape, skin tone, eyes (shape, size, spa
 mouth, ears, hair style and colour, facial hair, and a fine mole/freckle pattern that is 1-2 px at 64x64, so only the
 finest token scales can carry it. Every *image* of an identity varies only what a prompt controls (captions.ATTRIBUTES).
 Each image gets a short and a long caption of those attributes (never of the identity: that must come from the
-reference face, as in HEAR), the exact face box, and an aligned square face crop (the `--face` reference image).
+reference face, as in HEAR), a phrase of the identity's looks that only the base model's training appends
+(`caption_person`: the base learns to draw a person from words, as a web-trained model has), the exact face box, and
+an aligned square face crop (the `--face` reference image).
 Train and test identities are disjoint; test identities are for zero-shot evaluation only.
 
 Run from the repo root, as a module (numpy + PIL for the pixels, `tokenizers` for the vocabulary; no download; every
@@ -33,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from common import UserError, cli, config_dict, log
-from data.synthfaces.captions import ATTRIBUTES, build_caption, build_tokenizer
+from data.synthfaces.captions import ATTRIBUTES, build_caption, build_tokenizer, person_phrase
 from data.synthfaces.draw import COARSE_TRAITS, FINE_TRAITS, TRAITS, identity_rng, render, sample_attributes, \
     sample_identity, trait_labels
 
@@ -71,6 +73,7 @@ def _render_identity(job):
     split, ordinal, name, n, c = job
     rng = identity_rng(c["seed"], split, ordinal)
     traits = sample_identity(rng)
+    labels = trait_labels(traits)
     records = []
     for k in range(n):
         attrs = sample_attributes(rng)
@@ -82,8 +85,8 @@ def _render_identity(job):
         crop.save(os.path.join(c["out_dir"], crop_path), format="PNG")
         records.append(dict(path=path, crop_path=crop_path, identity=name, split=split, attributes=attrs,
                             caption_short=build_caption(attrs), caption_long=build_caption(attrs, long=True),
-                            face_box=face_box))
-    return records, trait_labels(traits)
+                            caption_person=person_phrase(labels), face_box=face_box))
+    return records, labels
 
 
 def contact_sheet(cfg, rows):
