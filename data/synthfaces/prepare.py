@@ -180,9 +180,10 @@ if __name__ == "__main__":
 #   rendered 5200 images of 350 identities in 10.6s (2 workers); 12.9 s wall with imports (22 s with --workers=1;
 #   the same bytes either way)
 #   train: 300 identities x 16 images = 4800; test: 50 identities x 8 images = 400 (identities id0300-id0349)
-#   images/ 20 MB and crops/ 23 MB of PNG (apparent size), manifest.jsonl 4.3 MB, contact_sheet.png 106 KB
-#   tokenizer.json: vocab 98 (3 special tokens + 95 words); longest caption in tokens with </s>: short 29, long 72
+#   images/ 20 MB and crops/ 23 MB of PNG (apparent size), manifest.jsonl 5.1 MB, contact_sheet.png 106 KB
+#   tokenizer.json: vocab 139 (3 special tokens + 136 words, 41 of them for the person's looks); longest caption in
+#   tokens with </s>: short 29, long 72, a short one with the looks 64
 #   face box height 24.3-39.7 px (mean 32.0), width 18.0-38.3 px (mean 27.4) at 64x64
 #   attribute values are close to uniform, e.g. style photo 1752 / flat 1741 / sketch 1707
-#   sha256 prefixes: manifest.jsonl 7bc6bb5d8ec3f39d, tokenizer.json 5192db1aa410e753, meta.json 83dcd95fc93e60b4
+#   sha256 prefixes: manifest.jsonl a246ab43bbeae8ff, tokenizer.json 2fbb1c3c9ef94b62, meta.json 9b0cd00b65f95a64
 #   (PNG bytes also depend on the zlib/Pillow build: images/id0000_00.png d86dd9501546914b with Pillow 13.0.0)
