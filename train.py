@@ -128,11 +128,13 @@ PRESETS = {
                         "face_encoder_ckpt": "out/tokenizer/ckpt.pt", "save_interval": 1000,
                         "text_init": "out/text_encoder/ckpt.pt", "train_text": False, "person_caption_prob": 0.7},
     # HEAR fine-tuned on the shipped base (quickstart.py): the identity paths are new, the rest starts pretrained. A
-    # short run: the lr stays high longer (warmup 20, cosine to 0.3x) and the face tokens weigh 5x; compiling would
-    # cost more than it saves (docs/foundation.md, the quick start's fine-tune: trials)
+    # short run: the lr stays high longer (warmup 20, cosine to 0.3x), the face tokens weigh 5x, and every scale's
+    # tokens weigh alike, so the loss sits in the last scales, where identity arrives; compiling would cost more than
+    # it saves (docs/foundation.md, the quick start's fine-tune: trials)
     "synthfaces_hear": {"init_from": "weights/synthfaces/base.pt", "tokenizer_ckpt": "weights/synthfaces/tokenizer.pt",
                         "global_face": "judge:weights/synthfaces/judge.pt", "max_iters": 500, "train_text": False,
-                        "warmup_iters": 20, "min_lr_ratio": 0.3, "face_loss_weight": 5.0, "compile": False},
+                        "warmup_iters": 20, "min_lr_ratio": 0.3, "face_loss_weight": 5.0, "reweight_by_scale": False,
+                        "compile": False},
     "tiny": {"depth": 2, "embed_dim": 64, "num_heads": 4, "image_size": 16, "face_size": 16, "hf_first_scale": 2,
              "batch_size": 4, "max_iters": 4, "warmup_iters": 1, "log_interval": 1, "save_interval": 2,
              "text_layers": 1, "text_heads": 2, "compile": False},
