@@ -59,6 +59,7 @@ class ModelConfig:
     grad_checkpointing: bool = False  # recompute every block in the backward pass (saves activation memory)
     use_global_face: bool = False  # HEAR Eq. (3)-(4): global face tokens join the text of the cross-attention
     global_face_dim: int = 512  # width of the global face tokens v_g (projected to Ct by face_global_proj)
+    global_face_tokens: int = 1  # text-width tokens face_global_proj makes of each v_g token (synthfaces: the looks)
     use_hf_adapter: bool = False  # HEAR Eq. (5)-(7): decoupled high-frequency cross-attention in every block
     hf_face_dim: int = 32  # width of the high-frequency face tokens v_hf (d of the face encoder's codes)
     attn_backend: str = "auto"  # training mask kernel: auto (FlexAttention on CUDA, else SDPA) | flex | sdpa
@@ -235,8 +236,8 @@ class CrossAttention(nn.Module):
         return z_hf
 
     def pool(self, text, mask):
-        """The text attention pool [Infinity]: the learned query mat_q (one vector per head) attends to text (B, T, Ct)
-        with mask (B, T) -> (B, C)."""
+        """The text attention pool [Infinity]: the learned query mat_q (one per head) attends to text (B, T, Ct), mask
+        (B, T) -> (B, C)."""
         q = self.mat_q.unsqueeze(2).expand(len(text), -1, -1, -1)  # (B, H, 1, hd)
         return self.proj(self.attention(q, text, mask).transpose(1, 2).reshape(len(text), 1, -1)).squeeze(1)
 
@@ -254,8 +255,8 @@ class CrossAttention(nn.Module):
 
 
 class TextAttentivePool(nn.Module):
-    """Pools the normalised text tokens into one vector (B, C) with a learned query [Infinity]: the sos token and the
-    input of every AdaLN."""
+    """Pools the normalised text into one vector (B, C) with a learned query [Infinity]: the sos token, every AdaLN's
+    input."""
 
     def __init__(self, C, Ct):
         super().__init__()
@@ -381,8 +382,7 @@ def _per_scale(value, K, name):
 
 
 class HEARTransformer(nn.Module):
-    """Infinity transformer with HEAR's global face tokens (Eq. (3)-(4)) and decoupled high-frequency adapter
-    (Eq. (5)-(7))."""
+    """Infinity transformer with HEAR's global face tokens (Eq. (3)-(4)) and high-frequency adapter (Eq. (5)-(7))."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -404,7 +404,7 @@ class HEARTransformer(nn.Module):
         self.head = nn.Linear(C, 2 * d)  # [..., 2k] = logit of bit k = 0, [..., 2k + 1] = logit of bit k = 1
         # HEAR-only parameters
         if cfg.use_global_face:
-            self.face_global_proj = nn.Linear(cfg.global_face_dim, Ct)  # v_g -> text width (then W_g of Eq. 3)
+            self.face_global_proj = nn.Linear(cfg.global_face_dim, cfg.global_face_tokens * Ct)  # v_g -> text width
         if cfg.use_hf_adapter:
             self.face_hf_proj = nn.Linear(cfg.hf_face_dim, C)  # W_hf of Eq. (5)
         self._block_masks = {}  # FlexAttention BlockMask per (schedule, device), rebuilt on demand
@@ -525,7 +525,7 @@ class HEARTransformer(nn.Module):
                 # NOTE: differs from [HEAR] Sec. 3.3.1, which aligns v_g with the text "through a pre-trained and
                 # frozen word embedding layer" but does not say how a continuous vector passes a lookup table; a new
                 # trainable linear map into the text width (face_global_proj) is the reading that can be built.
-                v_g = self.text_norm(self.face_global_proj(face_global.float()))  # (B, N_g, Ct)
+                v_g = self.text_norm(self.face_global_proj(face_global.float()).view(B, -1, t.shape[-1]))
                 kv = torch.cat((t, v_g), dim=1)  # (B, T + N_g, Ct)
                 kv_mask = torch.cat((mask, mask.new_ones(B, v_g.shape[1])), dim=1)
             kv = self.text_proj_for_ca(kv)  # (B, T', C)
@@ -615,8 +615,7 @@ class HEARTransformer(nn.Module):
         autoregressive_infer_cfg; each scale's bits are drawn by sample_bits from its logits after CFG and 1/tau.
         cfg_scale, tau and id_scale (lambda of Eq. (7); 0 turns the high-frequency adapter off): a scalar, or a list of
         one value per scale. Returns {"latent": (B, d, h_K, w_K) summed codes for the decoder, "bits": [(B, h, w, d)
-        int64 per scale], "per_scale": [(B, d, h_K, w_K) running sum after each scale, at the full latent size]
-        (Fig. 8)}."""
+        int64 per scale], "per_scale": [(B, d, h_K, w_K) running sum after each scale, full latent size] (Fig. 8)}."""
         B, K = text.shape[0], len(schedule)
         cfgs, taus, id_scales = (_per_scale(v, K, name) for v, name in
                                  ((cfg_scale, "cfg_scale"), (tau, "tau"), (id_scale, "id_scale")))
@@ -679,7 +678,8 @@ def load_infinity(path_or_state_dict, **hear_overrides):
                  mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / C, text_channels=sd["text_norm.weight"].shape[0],
                  text_maxlen=sd["cfg_uncond"].shape[0], num_levels=sd["lvl_embed.weight"].shape[0])
     if "face_global_proj.weight" in sd:  # our own HEAR checkpoints carry the HEAR parameters
-        sizes.update(use_global_face=True, global_face_dim=sd["face_global_proj.weight"].shape[1])
+        rows, dim = sd["face_global_proj.weight"].shape
+        sizes.update(use_global_face=True, global_face_dim=dim, global_face_tokens=rows // sizes["text_channels"])
     if "face_hf_proj.weight" in sd:
         sizes.update(use_hf_adapter=True, hf_face_dim=sd["face_hf_proj.weight"].shape[1])
     cfg = ModelConfig(**{**sizes, **hear_overrides})

@@ -9,6 +9,7 @@ The assembled HEAR system, shared by train.py, sample.py, eval.py and bench.py:
   build_text_encoder(...)  T5 encoder + caption tokenizer: a tiny T5 trained jointly (synthfaces) or a frozen flan-t5
   TextToBits               caption ids -> T5 features -> bit logits: the one trainable module (DDP wraps it)
   build_hear(...)          a new transformer, or official Infinity weights + HEAR's new parameters
+  looks_init(...)          synthfaces: the global face path's start, a least-squares map from a face to its looks
   load_run(ckpt)           everything sampling needs, rebuilt from one train.py checkpoint
   reference_crops(...)     reference photos -> detected, square-cropped faces (sample.py, eval.py)
   generate(run, ...)       prompts + reference crops (one or several per person) -> images (sample.py, eval.py)
@@ -28,7 +29,7 @@ import model as hear_model
 import tokenizer as tok
 from checkpoint import CheckpointMismatchError, load_checkpoint, load_strict
 from common import UserError, log
-from data.manifest import geometry, load_image
+from data.manifest import geometry, load_face_crop, load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MIN_SIDE = 8  # pixels: a smaller image holds no face (detectors find faces of ~10-40 px and more)
@@ -96,18 +97,82 @@ class TextToBits(nn.Module):
         return self.hear(text, lens, x_BLC_wo_prefix, schedule, rope_grid, face_global, face_hf, drop_cond=drop)
 
 
-def build_hear(cfg, text_channels, d, face_dim, global_dim, weights=None):
+def build_hear(cfg, text_channels, d, face_dim, global_dim, weights=None, global_start=None):
     """A new HEAR transformer of cfg's sizes, or `weights` (official Infinity weights, or a base model's train.py
     checkpoint: a path or the loaded dict) with HEAR's new parameters initialised -> (model, load report or None).
-    cfg: train.py's Config."""
+    cfg: train.py's Config; global_start: face_global_proj's (weight, bias) (looks_init), which also sets its tokens."""
     hear_cfg = dict(use_global_face=cfg.use_global_face, global_face_dim=global_dim, use_hf_adapter=cfg.use_hf_adapter,
                     hf_face_dim=face_dim, grad_checkpointing=cfg.grad_checkpointing, drop_path_rate=cfg.drop_path_rate)
+    if global_start is not None:  # one text-width token per slot of the looks
+        hear_cfg["global_face_tokens"] = len(global_start[1]) // text_channels
     if weights is not None:
-        return hear_model.load_infinity(weights, **hear_cfg)
-    mcfg = hear_model.ModelConfig(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
-                                  mlp_ratio=cfg.mlp_ratio, codebook_dim=d, text_channels=text_channels,
-                                  text_maxlen=cfg.text_maxlen, **hear_cfg)
-    return hear_model.HEARTransformer(mcfg), None
+        model, report = hear_model.load_infinity(weights, **hear_cfg)
+    else:
+        model, report = hear_model.HEARTransformer(hear_model.ModelConfig(
+            depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, codebook_dim=d,
+            text_channels=text_channels, text_maxlen=cfg.text_maxlen, **hear_cfg)), None
+    if global_start is not None:
+        model.face_global_proj.weight.data.copy_(global_start[0])
+        model.face_global_proj.bias.data.copy_(global_start[1])
+    return model, report
+
+
+@torch.no_grad()
+def looks_targets(records, text_encoder, caption_tokenizer, text_maxlen):
+    """The text features each record's looks have after its own caption -> (R, N, Ct), the same N for every record.
+    Each comma-separated trait of caption_person ("with tone 4 skin, white hair, ...") is a slot as wide as its
+    longest wording in `records` (its comma included; a shorter wording repeats its last token), so slot k holds trait
+    k in every record."""
+    def count(text):  # the caption tokenizer splits on words and punctuation, so token counts add up
+        return len(caption_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    if any(not r.get("caption_person") for r in records):
+        raise UserError("--global_init=looks needs caption_person in every training record (synthfaces' prepare.py)")
+    traits = [r["caption_person"].split(", ") for r in records]
+    if len({len(t) for t in traits}) > 1:
+        raise UserError("--global_init=looks needs the same traits, in the same order, in every caption_person")
+    widths = [max(count(", " + t[k]) for t in traits) for k in range(len(traits[0]))]
+    out = []
+    for lo in range(0, len(records), 256):
+        chunk = records[lo: lo + 256]
+        ids = caption_tokenizer([f"{r['caption_short']}, {r['caption_person']}" for r in chunk], padding=True,
+                                truncation=True, max_length=text_maxlen, return_tensors="pt")
+        feats = text_encoder(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
+        for b, r in enumerate(chunk):
+            pos, slots = count(r["caption_short"]), []
+            for k, trait in enumerate(traits[lo + b]):
+                n = count(", " + trait)
+                words = feats[b, pos: pos + n].float()  # (n, Ct): the comma and the trait's words
+                slots.append(torch.cat([words, words[-1:].expand(widths[k] - n, -1)]))  # (widths[k], Ct)
+                pos += n
+            out.append(torch.cat(slots))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def looks_init(records, text_encoder, caption_tokenizer, global_enc, face_size, crop_scale, text_maxlen, ridge=1e-4):
+    """synthfaces: where face_global_proj starts -> (weight (N Ct, D_g), bias (N Ct,)), N text-width tokens.
+
+    A web-trained base draws "a woman with red hair" on command, and the synthfaces base learned the same from each
+    record's caption_person. Eq. (3) joins the global face tokens to the text, so they can start as those words: the
+    ridge-regression map from a training record's v_g (its reference crop through global_enc, one token) to the text
+    features of its looks (looks_targets). At step 0 the face then says the person's looks in the base's own words,
+    and training starts from the traits a face shows, not from noise (docs/foundation.md, the global face tokens)."""
+    if global_enc is None:
+        raise UserError("--global_init=looks maps a global encoder's token: pass --global_face=judge:<judge.pt>")
+    y = looks_targets(records, text_encoder, caption_tokenizer, text_maxlen).flatten(1)  # (R, N Ct)
+    xs = []
+    for lo in range(0, len(records), 256):
+        crops = torch.stack([load_face_crop(r, face_size, crop_scale) for r in records[lo: lo + 256]])
+        v_g = global_enc(crops)  # (B, N_g, D_g)
+        if v_g.shape[1] != 1:
+            raise UserError(f"--global_init=looks maps one global face token, not {v_g.shape[1]}: use judge:<judge.pt>")
+        xs.append(v_g.flatten(1).float())
+    x = torch.cat(xs)
+    x1 = torch.cat([x, x.new_ones(len(x), 1)], 1)  # (R, D_g + 1): the bias as a constant input
+    # argmin |x1 W - y|^2 + ridge R |W|^2: a little shrinkage, so the 65 x 4480 numbers of synthfaces fit stably
+    w = torch.linalg.solve(x1.T @ x1 + ridge * len(x) * torch.eye(x1.shape[1]), x1.T @ y)  # (D_g + 1, N Ct)
+    return w[:-1].T.contiguous(), w[-1].clone()
 
 
 # -----------------------------------------------------------------------------

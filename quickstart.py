@@ -53,9 +53,10 @@ STAGE_ARGS = {
                    # the shipped face_encoder.pt: 100 steps (the preset's 60 leave the quick start's HEAR more time)
                    "face": ["--preset=synthfaces_face", "--max_iters=100", "--eval_interval=100"], "text": [],
                    "base": ["--preset=synthfaces_base"],
-                   # the shipped hear.pt: train.py's schedule and token weights (the preset's suit short runs)
+                   # the shipped hear.pt: train.py's schedule, token weights and init (the preset's suit short runs)
                    "hear": ["--preset=synthfaces_hear", "--max_iters=12000", "--compile=True", "--warmup_iters=50",
-                            "--min_lr_ratio=0.1", "--face_loss_weight=1", "--reweight_by_scale=True"],
+                            "--min_lr_ratio=0.1", "--face_loss_weight=1", "--reweight_by_scale=True",
+                            "--global_init=random"],
                    "decoder": ["--preset=synthfaces", "--train_params=decoder", "--max_iters=10000",
                                "--learning_rate=5e-4", "--l1_weight=0.0", "--warmup_iters=100",
                                "--eval_interval=1000", "--log_interval=100"], "eval": []},

@@ -36,7 +36,8 @@ from common import UserError, autocast, cli, log, lr_schedule, run_info, save_co
 from data.manifest import (aspect_buckets, caption, epoch_batches, geometry, identity_pools, load_example,
                            load_face_crop, pick_references, read_manifest)
 from metrics import peak_flops
-from pipeline import TextToBits, build_hear, build_text_encoder, face_conditions, load_tokenizer, read_vocab
+from pipeline import (TextToBits, build_hear, build_text_encoder, face_conditions, load_tokenizer, looks_init,
+                      read_vocab)
 
 
 
@@ -71,6 +72,7 @@ class Config:
     use_hf_adapter: bool = True  # Eq. (5)-(7): decoupled high-frequency cross-attention
     hf_first_scale: int = 3  # FT = tokens of the first hf_first_scale face scales (paper: 6 of 13)
     global_face: str = "lowfreq"  # v_g: lowfreq (face encoder's v[:FT]) | judge:<judge.pt> | clip:<CLIP vision folder>
+    global_init: str = "random"  # face_global_proj's start: random | looks (synthfaces: the looks in words)
     train_params: str = "all"  # all | adapter (HEAR's new params + cross-attn W_Q, W_K, W_V + W_g) | hear (new only)
     # data
     image_size: int = 64  # square training size when pn == ""
@@ -127,14 +129,14 @@ PRESETS = {
     "synthfaces_base": {"out_dir": "out/base", "use_global_face": False, "use_hf_adapter": False, "max_iters": 12000,
                         "face_encoder_ckpt": "out/tokenizer/ckpt.pt", "save_interval": 1000,
                         "text_init": "out/text_encoder/ckpt.pt", "train_text": False, "person_caption_prob": 0.7},
-    # HEAR fine-tuned on the shipped base (quickstart.py): the identity paths are new, the rest starts pretrained. A
-    # short run: the lr stays high longer (warmup 20, cosine to 0.3x), the face tokens weigh 5x, and every scale's
-    # tokens weigh alike, so the loss sits in the last scales, where identity arrives; compiling would cost more than
-    # it saves (docs/foundation.md, the quick start's fine-tune: trials)
+    # HEAR fine-tuned on the shipped base (quickstart.py): the identity paths are new, the rest starts pretrained, and
+    # the global face tokens start as the looks in words. A short run: the lr stays high longer (warmup 20, cosine to
+    # 0.3x), the face tokens weigh 5x, every scale's tokens alike (the loss sits in the last scales, where identity
+    # arrives); compiling would cost more than it saves (docs/foundation.md, the quick start's fine-tune: trials)
     "synthfaces_hear": {"init_from": "weights/synthfaces/base.pt", "tokenizer_ckpt": "weights/synthfaces/tokenizer.pt",
                         "global_face": "judge:weights/synthfaces/judge.pt", "max_iters": 500, "train_text": False,
                         "warmup_iters": 20, "min_lr_ratio": 0.3, "face_loss_weight": 5.0, "reweight_by_scale": False,
-                        "compile": False},
+                        "compile": False, "global_init": "looks"},
     "tiny": {"depth": 2, "embed_dim": 64, "num_heads": 4, "image_size": 16, "face_size": 16, "hf_first_scale": 2,
              "batch_size": 4, "max_iters": 4, "warmup_iters": 1, "log_interval": 1, "save_interval": 2,
              "text_layers": 1, "text_heads": 2, "compile": False},
@@ -197,7 +199,7 @@ def read_text_init(cfg):
     return ckpt
 
 
-def build_model(cfg, vae, face_enc, global_enc, resumed, master):
+def build_model(cfg, vae, face_enc, global_enc, resumed, master, records):
     """-> (text encoder, caption tokenizer, HEAR transformer, text trainable?): resumed, new, official weights, or a
     base (init_from=<a train.py checkpoint>: its transformer as official weights are loaded, and its text encoder)."""
     base = None if cfg.init_from in ("scratch", "resume") or cfg.init_from.startswith("infinity:") else cfg.init_from
@@ -224,8 +226,14 @@ def build_model(cfg, vae, face_enc, global_enc, resumed, master):
     else:
         global_dim = face_enc.cfg.codebook_dim if global_enc is None else global_enc.dim
         official = cfg.init_from.removeprefix("infinity:") if cfg.init_from.startswith("infinity:") else None
+        start = None  # face_global_proj's (weight, bias), or random
+        if cfg.global_init == "looks" and cfg.use_global_face:
+            start = looks_init(records, text_enc, caption_tokenizer, global_enc, cfg.face_size, cfg.crop_scale,
+                               cfg.text_maxlen)
+            log(f"global face tokens: {len(start[1]) // text_enc.config.d_model}, starting as the looks' words "
+                "(--global_init=looks)", cfg.out_dir, master)
         hear, report = build_hear(cfg, text_enc.config.d_model, vae.cfg.codebook_dim, face_enc.cfg.codebook_dim,
-                                  global_dim, weights=base_ckpt or official)  # a base: the dict read above
+                                  global_dim, base_ckpt or official, start)  # a base: the dict read above
         if report is not None:
             log(f"loaded {len(report['loaded'])} official tensors; newly initialized (HEAR-only): "
                 f"{len(report['newly_initialized'])} tensors", cfg.out_dir, master)
@@ -247,7 +255,8 @@ def build_state(cfg, dist):
     fe.face_schedule(cfg.face_size, face_enc.cfg.patch_size, cfg.hf_first_scale)  # a bad hf_first_scale fails now
     global_enc = fe.build_global_encoder(cfg.global_face, dist.device) if cfg.use_global_face else None
     resumed = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.init_from == "resume" else None
-    text_enc, caption_tokenizer, hear, train_text = build_model(cfg, vae, face_enc, global_enc, resumed, dist.master)
+    text_enc, caption_tokenizer, hear, train_text = build_model(cfg, vae, face_enc, global_enc, resumed, dist.master,
+                                                                 records)
     model = TextToBits(text_enc, hear, train_text).to(dist.device).train()
     ema = copy.deepcopy(hear).requires_grad_(False) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
@@ -420,6 +429,8 @@ def main(cfg):
     dist = setup_device(cfg.device, cfg.dist_timeout_s)
     if cfg.face_loss_weight <= 0:
         raise UserError(f"--face_loss_weight={cfg.face_loss_weight} must be > 0 (1: every token alike, as the paper)")
+    if cfg.global_init not in ("random", "looks"):
+        raise UserError(f"--global_init={cfg.global_init}: choose random or looks")
     if cfg.batch_size % (dist.world_size * cfg.grad_accum):
         raise UserError(f"--batch_size={cfg.batch_size} must divide by world_size x grad_accum "
                         f"({dist.world_size} x {cfg.grad_accum})")
