@@ -16,6 +16,7 @@ The assembled HEAR system, shared by train.py, sample.py, eval.py and bench.py:
 """
 
 import dataclasses
+import functools
 import os
 import tempfile
 
@@ -123,6 +124,7 @@ def looks_targets(records, text_encoder, caption_tokenizer, text_maxlen):
     Each comma-separated trait of caption_person ("with tone 4 skin, white hair, ...") is a slot as wide as its
     longest wording in `records` (its comma included; a shorter wording repeats its last token), so slot k holds trait
     k in every record."""
+    @functools.cache  # a few dozen trait wordings, met thousands of times
     def count(text):  # the caption tokenizer splits on words and punctuation, so token counts add up
         return len(caption_tokenizer(text, add_special_tokens=False)["input_ids"])
 
