@@ -142,6 +142,9 @@ def looks_targets(records, text_encoder, caption_tokenizer, text_maxlen):
         feats = text_encoder(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
         for b, r in enumerate(chunk):
             pos, slots = count(r["caption_short"]), []
+            if int(ids["attention_mask"][b].sum()) != pos + sum(count(", " + t) for t in traits[lo + b]) + 1:  # + </s>
+                raise UserError(f"--global_init=looks: {r['caption_short']!r} and its looks are longer than "
+                                f"--text_maxlen={text_maxlen} tokens, or the caption tokenizer does not split on words")
             for k, trait in enumerate(traits[lo + b]):
                 n = count(", " + trait)
                 words = feats[b, pos: pos + n].float()  # (n, Ct): the comma and the trait's words
@@ -163,13 +166,13 @@ def looks_init(records, text_encoder, caption_tokenizer, global_enc, face_size, 
     if global_enc is None:
         raise UserError("--global_init=looks maps a global encoder's token: pass --global_face=judge:<judge.pt>")
     y = looks_targets(records, text_encoder, caption_tokenizer, text_maxlen).flatten(1)  # (R, N Ct)
-    xs = []
+    xs, weight = [], next(global_enc.parameters(), None)  # the crops go where the encoder is
     for lo in range(0, len(records), 256):
         crops = torch.stack([load_face_crop(r, face_size, crop_scale) for r in records[lo: lo + 256]])
-        v_g = global_enc(crops)  # (B, N_g, D_g)
+        v_g = global_enc(crops.to("cpu" if weight is None else weight.device))  # (B, N_g, D_g)
         if v_g.shape[1] != 1:
             raise UserError(f"--global_init=looks maps one global face token, not {v_g.shape[1]}: use judge:<judge.pt>")
-        xs.append(v_g.flatten(1).float())
+        xs.append(v_g.flatten(1).float().cpu())
     x = torch.cat(xs)
     x1 = torch.cat([x, x.new_ones(len(x), 1)], 1)  # (R, D_g + 1): the bias as a constant input
     # argmin |x1 W - y|^2 + ridge R |W|^2: a little shrinkage, so the 65 x 4480 numbers of synthfaces fit stably

@@ -49,6 +49,8 @@ def test_looks_targets_hold_each_trait_in_its_slot(tmp_path):
     torch.testing.assert_close(y[0, :5], short[4:9], rtol=0, atol=1e-5)  # trait 1
     torch.testing.assert_close(y[0, 5:8], short[9:12], rtol=0, atol=1e-5)  # ", red hair"
     torch.testing.assert_close(y[0, 8], short[11], rtol=0, atol=1e-5)  # and "hair" again, to the slot's width
+    with pytest.raises(UserError, match="longer than --text_maxlen=12 tokens"):  # 4 + 5 + 3 + </s> = 13
+        looks_targets(records[:1], encoder, tokenizer, text_maxlen=12)
     with pytest.raises(UserError, match="same traits"):
         looks_targets(records[:1] + [{"caption_short": "a face", "caption_person": "with tone 1 skin"}],
                       encoder, tokenizer, 32)
@@ -68,7 +70,11 @@ def write_records(folder, n=6):
 def test_looks_init_solves_the_ridge_problem_and_starts_the_model(tmp_path):
     encoder, tokenizer = text_encoder(str(tmp_path))
     records, ridge = write_records(str(tmp_path)), 1e-2
-    mean_colour = lambda crops: crops.mean((2, 3))[:, None]  # noqa: E731  (B, 1, 3): a global encoder of 3 numbers
+    class MeanColour(torch.nn.Module):  # a global encoder of 3 numbers, (B, 3, S, S) -> (B, 1, 3)
+        def forward(self, crops):
+            return crops.mean((2, 3))[:, None]
+
+    mean_colour = MeanColour()
     weight, bias = looks_init(records, encoder, tokenizer, mean_colour, 16, 1.4, 32, ridge=ridge)
     assert weight.shape == (9 * 128, 3) and bias.shape == (9 * 128,)
     x = torch.stack([torch.from_numpy(np.array(Image.open(r["crop_path"]))).float().mean((0, 1)) / 127.5 - 1
