@@ -56,7 +56,7 @@ STAGE_ARGS = {
                    # the shipped hear.pt: train.py's schedule, token weights and init (the preset's suit short runs)
                    "hear": ["--preset=synthfaces_hear", "--max_iters=12000", "--compile=True", "--warmup_iters=50",
                             "--min_lr_ratio=0.1", "--face_loss_weight=1", "--reweight_by_scale=True",
-                            "--global_init=random"],
+                            "--global_init=random", "--hear_lr_mult=1"],
                    "decoder": ["--preset=synthfaces", "--train_params=decoder", "--max_iters=10000",
                                "--learning_rate=5e-4", "--l1_weight=0.0", "--warmup_iters=100",
                                "--eval_interval=1000", "--log_interval=100"], "eval": []},

@@ -40,7 +40,6 @@ from pipeline import (TextToBits, build_hear, build_text_encoder, face_condition
                       read_vocab)
 
 
-
 # -----------------------------------------------------------------------------
 # Config
 
@@ -91,6 +90,7 @@ class Config:
     warmup_iters: int = 50  # linear warmup
     cosine_decay: bool = True  # decay the lr to min_lr_ratio x peak (a cosine); False: constant, as in the paper
     min_lr_ratio: float = 0.1  # the end of the cosine decay, as a fraction of the peak
+    hear_lr_mult: float = 1.0  # lr of HEAR's new parameters (face projections, W'_K, W'_V) / learning_rate
     weight_decay: float = 0.01  # AdamW wd (no decay on norms, biases, embeddings, gains)
     beta2: float = 0.97  # AdamW beta2 (Infinity 0.97)
     grad_clip: float = 1.0  # grad-norm clip (0 = off)
@@ -129,14 +129,14 @@ PRESETS = {
     "synthfaces_base": {"out_dir": "out/base", "use_global_face": False, "use_hf_adapter": False, "max_iters": 12000,
                         "face_encoder_ckpt": "out/tokenizer/ckpt.pt", "save_interval": 1000,
                         "text_init": "out/text_encoder/ckpt.pt", "train_text": False, "person_caption_prob": 0.7},
-    # HEAR fine-tuned on the shipped base (quickstart.py): the identity paths are new, the rest starts pretrained, and
-    # the global face tokens start as the looks in words. A short run: the lr stays high longer (warmup 20, cosine to
-    # 0.3x), the face tokens weigh 5x, every scale's tokens alike (the loss sits in the last scales, where identity
-    # arrives); compiling would cost more than it saves (docs/foundation.md, the quick start's fine-tune: trials)
+    # HEAR fine-tuned on the shipped base (quickstart.py): the identity paths are new (at 10x the lr), the rest starts
+    # pretrained; the global face tokens start as the looks in words. A short run: the lr stays high longer (warmup 20,
+    # cosine to 0.3x), the face tokens weigh 5x, every scale's tokens alike (the loss sits in the last scales, where
+    # identity arrives); compiling would cost more than it saves (docs/foundation.md, the quick start's fine-tune)
     "synthfaces_hear": {"init_from": "weights/synthfaces/base.pt", "tokenizer_ckpt": "weights/synthfaces/tokenizer.pt",
                         "global_face": "judge:weights/synthfaces/judge.pt", "max_iters": 500, "train_text": False,
                         "warmup_iters": 20, "min_lr_ratio": 0.3, "face_loss_weight": 5.0, "reweight_by_scale": False,
-                        "compile": False, "global_init": "looks"},
+                        "compile": False, "global_init": "looks", "hear_lr_mult": 10.0},
     "tiny": {"depth": 2, "embed_dim": 64, "num_heads": 4, "image_size": 16, "face_size": 16, "hf_first_scale": 2,
              "batch_size": 4, "max_iters": 4, "warmup_iters": 1, "log_interval": 1, "save_interval": 2,
              "text_layers": 1, "text_heads": 2, "compile": False},
@@ -173,15 +173,17 @@ class TrainState:
     boxes: dict = dataclasses.field(default_factory=dict)  # record -> its face box (4,), fractions of width, height
 
 
-def param_groups(module, weight_decay):
-    """AdamW groups (paper: wd 0.01): decay on weight matrices; none on biases and gains (1-D), embeddings (word /
-    level / T5 token embeddings, T5's tied `shared`), norms and learned tokens (null caption, start token, AdaLN
-    offsets), which weight decay would only pull towards zero."""
-    decay, no_decay, plain = [], [], ("embed", "shared", "norm", "cfg_uncond", "pos_start", "ada_gss")
+def param_groups(module, weight_decay, hear_lr_mult=1.0):
+    """AdamW groups (paper: wd 0.01): decay on weight matrices, none on biases and gains (1-D), embeddings (word /
+    level / T5 token, T5's tied `shared`), norms and learned tokens (null caption, start token, AdaLN offsets). HEAR's
+    new parameters, which start far from where they end, learn at hear_lr_mult x the lr (their groups' lr_mult)."""
+    groups, plain = {}, ("embed", "shared", "norm", "cfg_uncond", "pos_start", "ada_gss")
     for n, p in module.named_parameters():
         if p.requires_grad:
-            (no_decay if p.dim() < 2 or any(s in n for s in plain) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            wd = 0.0 if p.dim() < 2 or any(s in n for s in plain) else weight_decay
+            mult = hear_lr_mult if any(m in n for m in hear_model.HEAR_PARAM_MARKERS) else 1.0
+            groups.setdefault((wd, mult), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_mult": mult} for (wd, mult), ps in groups.items()]
 
 
 def read_text_init(cfg):
@@ -259,8 +261,8 @@ def build_state(cfg, dist):
                                                                  records)
     model = TextToBits(text_enc, hear, train_text).to(dist.device).train()
     ema = copy.deepcopy(hear).requires_grad_(False) if cfg.ema_decay > 0 else None
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
-                            fused=dist.device.startswith("cuda"))
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.hear_lr_mult), lr=cfg.learning_rate,
+                            betas=(0.9, cfg.beta2), fused=dist.device.startswith("cuda"))
     if resumed is not None:
         opt.load_state_dict(resumed["optimizer"])
         if ema is not None and resumed.get("ema"):
@@ -366,8 +368,8 @@ def train_step(state, cfg, batch, template):
     # what an uninterrupted one would, with no RNG state in the checkpoint
     torch.manual_seed(hash((cfg.seed, step, dist.rank, 1)) % 2**63)
     for group in state.opt.param_groups:
-        group["lr"] = lr_schedule(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio,
-                                  cfg.cosine_decay)
+        group["lr"] = group.get("lr_mult", 1.0) * lr_schedule(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters,
+                                                     cfg.min_lr_ratio, cfg.cosine_decay)
     loss_sum, tokens = 0.0, 0
     for m in range(cfg.grad_accum):
         lo = (m * dist.world_size + dist.rank) * micro  # position of this micro-batch in the global batch
@@ -399,9 +401,8 @@ def train_step(state, cfg, batch, template):
     state.opt.step()
     state.opt.zero_grad(set_to_none=True)
     if state.ema is not None:
-        with torch.no_grad():
-            for pe, pm in zip(state.ema.parameters(), state.hear.parameters()):
-                pe.lerp_(pm, 1 - cfg.ema_decay)
+        for pe, pm in zip(state.ema.parameters(), state.hear.parameters()):
+            pe.lerp_(pm.detach(), 1 - cfg.ema_decay)
     keys = (ids["input_ids"].shape[1], *(0 if v is None else v.shape[1] for v in (v_g, v_hf)))
     with torch.no_grad():  # on the last micro-batch
         return loss_sum, bit_accuracy(logits, labels, schedule), tokens, keys
@@ -484,9 +485,8 @@ def log_window(state, cfg, window, seconds, template):
     peak = peak_flops(state.dist.device)
     flops = state.hear.estimate_flops_per_token(schedule, *window[-1][3])  # text, global and hf face keys
     mfu = f"{100 * flops * tok_s / (peak * state.dist.world_size):.1f}%" if peak else "n/a"
-    row = {"step": state.step, "loss": sum(w[0] for w in window) / len(window),
-           "acc": (sum(w[1] for w in window) / len(window)).tolist(), "tok_s": tok_s,
-           "skipped": state.faults.skipped}
+    row = {"step": state.step, "loss": sum(w[0] for w in window) / len(window), "tok_s": tok_s,
+           "acc": (sum(w[1] for w in window) / len(window)).tolist(), "skipped": state.faults.skipped}
     acc = "/".join(f"{a:.3f}" for a in row["acc"])
     log(f"step {state.step}/{cfg.max_iters} | loss {row['loss']:.4f} | bit acc coarse/mid/fine {acc} | "
         f"lr {state.opt.param_groups[0]['lr']:.2e} | {tok_s:.0f} tok/s | MFU {mfu}", cfg.out_dir, state.dist.master)

@@ -1,4 +1,5 @@
-"""train.py's loss weights: the face mask of Eq. (2) carried to the bitwise loss (--face_loss_weight)."""
+"""train.py's loss weights: the face mask of Eq. (2) carried to the bitwise loss (--face_loss_weight); the learning
+rate of HEAR's new parameters (--hear_lr_mult)."""
 
 import types
 
@@ -8,8 +9,9 @@ import torch
 from PIL import Image
 
 import train
-from common import UserError, parse_config
+from common import UserError, parse_config, setup_device
 from conftest import write_tokenizer_ckpt
+from data.manifest import epoch_batches
 from model import bitwise_loss, scale_loss_weights
 from pipeline import load_tokenizer
 
@@ -67,3 +69,26 @@ def test_face_loss_weight_trains_and_refuses_a_non_positive_alpha(tiny_run, tmp_
     with pytest.raises(UserError, match="face_loss_weight=0.0 must be > 0"):
         train.main(parse_config(train.Config, train.PRESETS, argv + [f"--out_dir={tmp_path / 'c'}",
                                                                       "--face_loss_weight=0"]))
+
+
+def test_hear_lr_mult_scales_the_first_step_of_hears_new_parameters_alone(tiny_run, tmp_path):
+    """AdamW's first update, lr x (m / (sqrt(v) + eps) + wd x p), is linear in the lr. From the same weights and the
+    same batch, --hear_lr_mult=10 moves HEAR's new parameters (face projections, W'_K, W'_V) 10x as far as 1 does, and
+    every pretrained parameter exactly as far."""
+    data, tok_ckpt, face_ckpt = tiny_run
+    moved = []
+    for mult in (1, 10):
+        cfg = parse_config(train.Config, train.PRESETS, [
+            "--preset=tiny", f"--data_dir={data}", f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
+            f"--out_dir={tmp_path / str(mult)}", "--device=cpu", f"--hear_lr_mult={mult}"])
+        torch.manual_seed(cfg.seed)  # as train.main: the same initial weights in both runs
+        state = train.build_state(cfg, setup_device("cpu"))
+        before = {n: p.detach().clone() for n, p in state.hear.named_parameters()}
+        train.train_step(state, cfg, epoch_batches(len(state.records), cfg.batch_size, 0, cfg.seed)[0], 1.0)
+        moved.append({n: p.detach() - before[n] for n, p in state.hear.named_parameters()})
+    new = set(state.hear.hear_parameter_names())
+    assert new and len(new) < len(moved[0]) and all(moved[0][n].abs().max() > 1e-4 for n in new)
+    # the weights stay within a few units, so p + delta rounds by <= 1e-6 (x 10 for the scaled delta); a multiplier
+    # missing or applied to the wrong parameters is off by 9 x lr = 9e-3 or more
+    for n, delta in moved[0].items():
+        assert (moved[1][n] - (10 * delta if n in new else delta)).abs().max() < 2e-5, n
