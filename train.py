@@ -404,8 +404,7 @@ def train_step(state, cfg, batch, template):
         for pe, pm in zip(state.ema.parameters(), state.hear.parameters()):
             pe.lerp_(pm.detach(), 1 - cfg.ema_decay)
     keys = (ids["input_ids"].shape[1], *(0 if v is None else v.shape[1] for v in (v_g, v_hf)))
-    with torch.no_grad():  # on the last micro-batch
-        return loss_sum, bit_accuracy(logits, labels, schedule), tokens, keys
+    return loss_sum, bit_accuracy(logits, labels, schedule), tokens, keys  # of the last micro-batch (argmax: no graph)
 
 
 def save(state, cfg):
@@ -428,8 +427,9 @@ def save(state, cfg):
 def main(cfg):
     cfg = dataclasses.replace(cfg, init_from=init_after_restart(cfg.init_from, cfg.out_dir))
     dist = setup_device(cfg.device, cfg.dist_timeout_s)
-    if cfg.face_loss_weight <= 0:
-        raise UserError(f"--face_loss_weight={cfg.face_loss_weight} must be > 0 (1: every token alike, as the paper)")
+    for flag in ("face_loss_weight", "hear_lr_mult"):  # 1: every token alike, every weight at one rate (the paper's)
+        if getattr(cfg, flag) <= 0:
+            raise UserError(f"--{flag}={getattr(cfg, flag)} must be > 0 (1: as the paper)")
     if cfg.global_init not in ("random", "looks"):
         raise UserError(f"--global_init={cfg.global_init}: choose random or looks")
     if cfg.batch_size % (dist.world_size * cfg.grad_accum):

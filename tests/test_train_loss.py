@@ -58,7 +58,7 @@ def test_bitwise_loss_with_one_weight_row_per_sample_is_the_mean_of_the_samples_
     assert abs(bitwise_loss(logits, bits, w[0].expand(3, 7)) - bitwise_loss(logits, bits, w[0])) < TOL
 
 
-def test_face_loss_weight_trains_and_refuses_a_non_positive_alpha(tiny_run, tmp_path):
+def test_face_loss_weight_trains_and_non_positive_weights_or_rates_are_refused(tiny_run, tmp_path):
     data, tok_ckpt, face_ckpt = tiny_run
     argv = ["--preset=tiny", f"--data_dir={data}", f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face_ckpt}",
             "--device=cpu", "--max_iters=2"]
@@ -66,9 +66,9 @@ def test_face_loss_weight_trains_and_refuses_a_non_positive_alpha(tiny_run, tmp_
     faced = train.main(parse_config(train.Config, train.PRESETS, argv + [f"--out_dir={tmp_path / 'b'}",
                                                                           "--face_loss_weight=4"]))
     assert plain[0]["loss"] != faced[0]["loss"] and all(np.isfinite(h["loss"]) for h in faced)
-    with pytest.raises(UserError, match="face_loss_weight=0.0 must be > 0"):
-        train.main(parse_config(train.Config, train.PRESETS, argv + [f"--out_dir={tmp_path / 'c'}",
-                                                                      "--face_loss_weight=0"]))
+    for bad in ("--face_loss_weight=0", "--hear_lr_mult=-1"):
+        with pytest.raises(UserError, match=f"{bad.split('=')[0]}={float(bad.split('=')[1])} must be > 0"):
+            train.main(parse_config(train.Config, train.PRESETS, argv + [f"--out_dir={tmp_path / 'c'}", bad]))
 
 
 def test_hear_lr_mult_scales_the_first_step_of_hears_new_parameters_alone(tiny_run, tmp_path):
