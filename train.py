@@ -174,9 +174,8 @@ class TrainState:
 
 
 def param_groups(module, weight_decay, hear_lr_mult=1.0):
-    """AdamW groups (paper: wd 0.01): decay on weight matrices, none on biases and gains (1-D), embeddings (word /
-    level / T5 token, T5's tied `shared`), norms and learned tokens (null caption, start token, AdaLN offsets). HEAR's
-    new parameters, which start far from where they end, learn at hear_lr_mult x the lr (their groups' lr_mult)."""
+    """AdamW groups (paper: wd 0.01): decay on weight matrices, none on 1-D tensors, embeddings, norms and learned
+    tokens (`plain`); HEAR's new parameters, far from where they end, learn at hear_lr_mult x the lr (lr_mult)."""
     groups, plain = {}, ("embed", "shared", "norm", "cfg_uncond", "pos_start", "ada_gss")
     for n, p in module.named_parameters():
         if p.requires_grad:
@@ -261,8 +260,9 @@ def build_state(cfg, dist):
                                                                  records)
     model = TextToBits(text_enc, hear, train_text).to(dist.device).train()
     ema = copy.deepcopy(hear).requires_grad_(False) if cfg.ema_decay > 0 else None
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.hear_lr_mult), lr=cfg.learning_rate,
-                            betas=(0.9, cfg.beta2), fused=dist.device.startswith("cuda"))
+    mult = resumed["config"].get("hear_lr_mult", 1.0) if resumed else cfg.hear_lr_mult  # a resumed run keeps its own
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, mult), lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
+                            fused=dist.device.startswith("cuda"))
     if resumed is not None:
         opt.load_state_dict(resumed["optimizer"])
         if ema is not None and resumed.get("ema"):

@@ -49,11 +49,11 @@ def test_tiny_run_logs_and_checkpoint(tiny_run, tmp_path):
 
 def test_resume_equals_uninterrupted(tiny_run, tmp_path):
     """With stochastic depth, so that the losses also depend on the global RNG stream (reseeded each step), and HEAR's
-    new parameters at their own lr (the optimizer's groups keep their multiplier across the restart)."""
+    new parameters at their own lr: a resumed run keeps its multiple, whatever the restart's command line says."""
     a, b, extra = str(tmp_path / "a"), str(tmp_path / "b"), ("--drop_path_rate=0.5", "--hear_lr_mult=3")
     full = run(args(tiny_run, a, "--max_iters=4", *extra))
     run(args(tiny_run, b, "--max_iters=2", *extra))
-    resumed = run(args(tiny_run, b, "--max_iters=4", *extra, "--init_from=resume"))
+    resumed = run(args(tiny_run, b, "--max_iters=4", "--drop_path_rate=0.5", "--hear_lr_mult=1", "--init_from=resume"))
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full[2:]]  # same next losses, exactly
     wa, wb = load_checkpoint(f"{a}/ckpt.pt")["model"], load_checkpoint(f"{b}/ckpt.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

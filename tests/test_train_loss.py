@@ -89,6 +89,6 @@ def test_hear_lr_mult_scales_the_first_step_of_hears_new_parameters_alone(tiny_r
     new = set(state.hear.hear_parameter_names())
     assert new and len(new) < len(moved[0]) and all(moved[0][n].abs().max() > 1e-4 for n in new)
     # the weights stay within a few units, so p + delta rounds by <= 1e-6 (x 10 for the scaled delta); a multiplier
-    # missing or applied to the wrong parameters is off by 9 x lr = 9e-3 or more
+    # missing or applied to the wrong parameters is off by about 9 x lr = 1.8e-2
     for n, delta in moved[0].items():
         assert (moved[1][n] - (10 * delta if n in new else delta)).abs().max() < 2e-5, n
