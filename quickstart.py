@@ -9,7 +9,7 @@ by the shipped judge.
   python quickstart.py --foundation=scratch      # every part from nothing (data, judge, tokenizer, transformer)
   python quickstart.py --preset=foundation       # rebuild the foundation itself and write it to weights/synthfaces
   python quickstart.py --force=True              # everything again
-  python quickstart.py --hear_iters=1500         # 3x the identity steps: FaceSim 0.45, top-1 56%, 4 min more
+  python quickstart.py --hear_iters=1500         # 3x the identity steps: about 4 min more
 
 Each stage runs the command a user would type for it (printed, and logged to <out_dir>/quickstart/<stage>.log), one
 line per stage with its wall time. A stage is skipped when its output exists and is complete: a training stage when

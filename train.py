@@ -231,10 +231,10 @@ def build_model(cfg, vae, face_enc, global_enc, resumed, master, records):
         if cfg.global_init == "looks" and cfg.use_global_face:
             start = looks_init(records, text_enc, caption_tokenizer, global_enc, cfg.face_size, cfg.crop_scale,
                                cfg.text_maxlen)
-            log(f"global face tokens: {len(start[1]) // text_enc.config.d_model}, starting as the looks' words "
-                "(--global_init=looks)", cfg.out_dir, master)
         hear, report = build_hear(cfg, text_enc.config.d_model, vae.cfg.codebook_dim, face_enc.cfg.codebook_dim,
                                   global_dim, base_ckpt or official, start)  # a base: the dict read above
+        if start is not None:
+            log(f"{hear.cfg.global_face_tokens} global face tokens start as the looks' words", cfg.out_dir, master)
         if report is not None:
             log(f"loaded {len(report['loaded'])} official tensors; newly initialized (HEAR-only): "
                 f"{len(report['newly_initialized'])} tensors", cfg.out_dir, master)
