@@ -29,9 +29,10 @@ def test_every_stage_command_parses_with_its_script_config(argv, tmp_path):
     hear = next(command for name, command, _ in qs.stages(cfg) if name == "transformer")
     judge = qs.judge_and_tokenizer(cfg)[0]  # the run's own judge gives HEAR its global face tokens
     assert f"--global_face=judge:{judge}" in hear
-    if cfg.preset == "foundation":  # the shipped tokenizer: 6000 steps, the decoder alone, then every weight on twice;
-        by_name = {name: (command, output) for name, command, output in qs.stages(cfg)}  # its codes: every stage's
-        chain = ["tokenizer", "tokenizer decoder", "tokenizer continued", "tokenizer continued 2"]
+    if cfg.preset == "foundation":  # the shipped tokenizer: 6000 steps, the decoder alone, then every weight on at
+        # falling rates; every later stage reads the last run's codes
+        by_name = {name: (command, output) for name, command, output in qs.stages(cfg)}
+        chain = ["tokenizer", "tokenizer decoder"] + [f"tokenizer joint {k + 1}" for k in range(len(qs.JOINT_RATES))]
         for before, after in zip(chain, chain[1:]):
             assert f"--init_from={by_name[before][1]}" in by_name[after][0]
         assert "--train_params=decoder" in by_name["tokenizer decoder"][0]
