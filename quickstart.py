@@ -45,35 +45,41 @@ class Config:
 
 PRESETS = {"synthfaces": {}, "foundation": {"foundation": "scratch", "out_dir": "out/foundation"},
            "tiny": {"foundation": "scratch", "data_dir": "out/quickstart_tiny/data", "out_dir": "out/quickstart_tiny"}}
+# the foundation's tokenizer runs of every weight after its decoder run, one per learning rate
+JOINT_RATES = ("5e-4", "2.5e-4", "1.5e-4")
 # each training stage's preset and extra arguments, per quick-start preset
 STAGE_ARGS = {
     "synthfaces": {"tokenizer": ["--preset=synthfaces"], "face": ["--preset=synthfaces_face"],
                    "hear": ["--preset=synthfaces_hear"], "hear_scratch": ["--preset=synthfaces"], "eval": []},
     "foundation": {"tokenizer": ["--preset=synthfaces", "--max_iters=6000", "--eval_interval=1000"],
+                   # then its decoder alone on frozen codes, then every weight on at falling rates (L2 alone)
+                   "decoder": ["--preset=synthfaces", "--train_params=decoder", "--max_iters=10000",
+                               "--learning_rate=5e-4", "--l1_weight=0.0", "--warmup_iters=100",
+                               "--eval_interval=1000", "--log_interval=100"],
+                   "joint": [["--preset=synthfaces", "--max_iters=4000", f"--learning_rate={lr}", "--l1_weight=0.0",
+                              "--warmup_iters=100", "--eval_interval=500", "--log_interval=100"]
+                             for lr in JOINT_RATES],
                    # the shipped face_encoder.pt: 100 steps (the preset's 60 leave the quick start's HEAR more time)
                    "face": ["--preset=synthfaces_face", "--max_iters=100", "--eval_interval=100"], "text": [],
                    "base": ["--preset=synthfaces_base"],
-                   # the shipped hear.pt: train.py's schedule, token weights and init (the preset's suit short runs)
-                   "hear": ["--preset=synthfaces_hear", "--max_iters=12000", "--compile=True", "--warmup_iters=50",
-                            "--min_lr_ratio=0.1", "--face_loss_weight=1", "--reweight_by_scale=True",
-                            "--global_init=random", "--hear_lr_mult=1"],
-                   "decoder": ["--preset=synthfaces", "--train_params=decoder", "--max_iters=10000",
-                               "--learning_rate=5e-4", "--l1_weight=0.0", "--warmup_iters=100",
-                               "--eval_interval=1000", "--log_interval=100"], "eval": []},
+                   "hear": ["--preset=synthfaces_hear", "--max_iters=2000"],  # the quick start's recipe, 4x longer
+                   "eval": []},
     "tiny": {"tokenizer": ["--preset=tiny"], "face": ["--preset=tiny", "--face_mask=True", "--id_weight=0.1"],
              "text": ["--preset=tiny"], "base": ["--preset=tiny", "--use_global_face=False", "--use_hf_adapter=False",
                                                   "--train_text=False"], "hear": ["--preset=tiny"],
              "eval": ["--image_size=16", "--max_images=16", "--prompts_per_identity=1", "--gallery_ids=2"]},
 }
 # each training stage's run folder under out_dir, in pipeline order (--force=True deletes them)
-RUN_DIRS = ("tokenizer", "face_encoder", "text_encoder", "base", "hear", "tokenizer_decoder")
+RUN_DIRS = ("tokenizer", "tokenizer_decoder", *(f"tokenizer_joint{k + 1}" for k in range(len(JOINT_RATES))),
+            "face_encoder", "text_encoder", "base", "hear")
 # the slice of held-out data on which the shipped files' figures are recorded and re-checked (the first 5 held-out
 # identities of the full data set, 3 images each: identities are drawn from (seed, split, ordinal) alone)
 CHECK_SLICE = ["--preset=synthfaces", "--train_ids=1", "--test_ids=5", "--test_images=3", "--sheet_copy=",
                "--workers=1"]
 CHECK_EVAL = ["--prompts_per_identity=2"]
 # the shipped files: name -> (stage output, entries kept, what it is)
-SHIPPED = {"tokenizer.pt": ("tokenizer_decoder/ckpt.pt", ("model", "tokenizer_config", "config", "step", "metrics"),
+SHIPPED = {"tokenizer.pt": (f"tokenizer_joint{len(JOINT_RATES)}/ckpt.pt",
+                            ("model", "tokenizer_config", "config", "step", "metrics"),
                             "BSQ-VAE tokenizer (the Infinity VAE of synthfaces)"),
            "judge.pt": (None, ("model", "judge_config", "config", "metrics"), "the judge: detector, identity, "
                         "attribute and trait nets that score every run"),
@@ -87,15 +93,17 @@ SHIPPED = {"tokenizer.pt": ("tokenizer_decoder/ckpt.pt", ("model", "tokenizer_co
 
 def judge_and_tokenizer(cfg):
     """(judge.pt, tokenizer checkpoint) a run uses: trained here (--foundation=scratch) or shipped."""
-    if cfg.foundation == "scratch":
-        return f"{cfg.data_dir}/judge.pt", f"{cfg.out_dir}/tokenizer/ckpt.pt"
+    if cfg.foundation == "scratch":  # the last tokenizer run of the chain
+        last = f"tokenizer_joint{len(JOINT_RATES)}" if "joint" in STAGE_ARGS[cfg.preset] else "tokenizer"
+        return f"{cfg.data_dir}/judge.pt", f"{cfg.out_dir}/{last}/ckpt.pt"
     return f"{cfg.weights_dir}/judge.pt", f"{cfg.weights_dir}/tokenizer.pt"
 
 
 def stages(cfg):
     """[(name, command, output that marks it done)] in pipeline order."""
     py, d, o, w, args = sys.executable, cfg.data_dir, cfg.out_dir, cfg.weights_dir, STAGE_ARGS[cfg.preset]
-    tok, face, text, base, hear, dec = (os.path.join(o, n) for n in RUN_DIRS)
+    tok, dec, face, text, base, hear = (os.path.join(o, n) for n in ("tokenizer", "tokenizer_decoder", "face_encoder",
+                                                                      "text_encoder", "base", "hear"))
     dev, scratch, with_base = f"--device={cfg.device}", cfg.foundation == "scratch", "base" in args
     judge, tok_ckpt = judge_and_tokenizer(cfg)
     init = f"{base}/ckpt.pt" if with_base else f"{w}/base.pt"
@@ -105,7 +113,15 @@ def stages(cfg):
     if scratch:
         out += [("judge", [py, "-m", "data.synthfaces.judge", f"--preset={prep}", f"--data_dir={d}"], judge),
                 ("tokenizer", [py, "train_tokenizer.py", *args["tokenizer"], f"--data_dir={d}", f"--out_dir={tok}",
-                               dev], tok_ckpt)]
+                               dev], f"{tok}/ckpt.pt")]
+    if "joint" in args:  # the decoder sharpened on frozen codes, then every weight on: the codes all below read
+        out.append(("tokenizer decoder", [py, "train_tokenizer.py", *args["decoder"], f"--data_dir={d}",
+                                          f"--out_dir={dec}", f"--init_from={tok}/ckpt.pt", dev], f"{dec}/ckpt.pt"))
+        for k, joint in enumerate(args["joint"]):
+            before, this = f"{dec}/ckpt.pt" if k == 0 else f"{tok}_joint{k}/ckpt.pt", f"{tok}_joint{k + 1}"
+            out.append((f"tokenizer joint {k + 1}", [py, "train_tokenizer.py", *joint, f"--data_dir={d}",
+                                                     f"--out_dir={this}", f"--init_from={before}", dev],
+                        f"{this}/ckpt.pt"))
     out.append(("face encoder", [py, "train_tokenizer.py", *args["face"], f"--data_dir={d}", f"--out_dir={face}",
                                  f"--init_from={tok_ckpt}", f"--id_net=judge:{judge}", dev], f"{face}/ckpt.pt"))
     if with_base:  # the text encoder, pretrained on captions, then the text-to-image base on it (no identity paths;
@@ -121,9 +137,6 @@ def stages(cfg):
                                 f"--tokenizer_ckpt={tok_ckpt}", f"--face_encoder_ckpt={face}/ckpt.pt",
                                 f"--global_face=judge:{judge}", dev],
                 f"{hear}/ckpt.pt"))
-    if "decoder" in args:  # the tokenizer's decoder sharpened on frozen codes: every stage above stays valid on it
-        out.append(("tokenizer decoder", [py, "train_tokenizer.py", *args["decoder"], f"--data_dir={d}",
-                                          f"--out_dir={dec}", f"--init_from={tok_ckpt}", dev], f"{dec}/ckpt.pt"))
     return out
 
 

@@ -29,10 +29,16 @@ def test_every_stage_command_parses_with_its_script_config(argv, tmp_path):
     hear = next(command for name, command, _ in qs.stages(cfg) if name == "transformer")
     judge = qs.judge_and_tokenizer(cfg)[0]  # the run's own judge gives HEAR its global face tokens
     assert f"--global_face=judge:{judge}" in hear
-    if cfg.preset == "foundation":  # the shipped tokenizer: its decoder sharpened last, on the codes every stage read
-        _, command, output = next(stage for stage in qs.stages(cfg) if stage[0] == "tokenizer decoder")
-        assert output == os.path.join(cfg.out_dir, qs.SHIPPED["tokenizer.pt"][0]) and names[-1] == "tokenizer decoder"
-        assert {"--train_params=decoder", f"--init_from={qs.judge_and_tokenizer(cfg)[1]}"} <= set(command)
+    if cfg.preset == "foundation":  # the shipped tokenizer: 6000 steps, the decoder alone, then every weight on at
+        # falling rates; every later stage reads the last run's codes
+        by_name = {name: (command, output) for name, command, output in qs.stages(cfg)}
+        chain = ["tokenizer", "tokenizer decoder"] + [f"tokenizer joint {k + 1}" for k in range(len(qs.JOINT_RATES))]
+        for before, after in zip(chain, chain[1:]):
+            assert f"--init_from={by_name[before][1]}" in by_name[after][0]
+        assert "--train_params=decoder" in by_name["tokenizer decoder"][0]
+        last = by_name[chain[-1]][1]
+        assert last == qs.judge_and_tokenizer(cfg)[1] == os.path.join(cfg.out_dir, qs.SHIPPED["tokenizer.pt"][0])
+        assert names.index(chain[-1]) < names.index("face encoder") and f"--tokenizer_ckpt={last}" in hear
     for name, command, _ in qs.stages(cfg) + qs.eval_stages(cfg):
         argv = command[3:] if command[1] == "-m" else command[2:]
         script = command[2] if command[1] == "-m" else command[1].removesuffix(".py")
