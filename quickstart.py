@@ -45,8 +45,9 @@ class Config:
 
 PRESETS = {"synthfaces": {}, "foundation": {"foundation": "scratch", "out_dir": "out/foundation"},
            "tiny": {"foundation": "scratch", "data_dir": "out/quickstart_tiny/data", "out_dir": "out/quickstart_tiny"}}
-# the foundation's tokenizer runs of every weight after its decoder run, one per learning rate
+# the foundation's tokenizer runs of every weight after its decoder run, one per learning rate, and their run folders
 JOINT_RATES = ("5e-4", "2.5e-4", "1.5e-4")
+JOINT_DIRS = tuple(f"tokenizer_joint{k + 1}" for k in range(len(JOINT_RATES)))
 # each training stage's preset and extra arguments, per quick-start preset
 STAGE_ARGS = {
     "synthfaces": {"tokenizer": ["--preset=synthfaces"], "face": ["--preset=synthfaces_face"],
@@ -70,15 +71,14 @@ STAGE_ARGS = {
              "eval": ["--image_size=16", "--max_images=16", "--prompts_per_identity=1", "--gallery_ids=2"]},
 }
 # each training stage's run folder under out_dir, in pipeline order (--force=True deletes them)
-RUN_DIRS = ("tokenizer", "tokenizer_decoder", *(f"tokenizer_joint{k + 1}" for k in range(len(JOINT_RATES))),
-            "face_encoder", "text_encoder", "base", "hear")
+RUN_DIRS = ("tokenizer", "tokenizer_decoder", *JOINT_DIRS, "face_encoder", "text_encoder", "base", "hear")
 # the slice of held-out data on which the shipped files' figures are recorded and re-checked (the first 5 held-out
 # identities of the full data set, 3 images each: identities are drawn from (seed, split, ordinal) alone)
 CHECK_SLICE = ["--preset=synthfaces", "--train_ids=1", "--test_ids=5", "--test_images=3", "--sheet_copy=",
                "--workers=1"]
 CHECK_EVAL = ["--prompts_per_identity=2"]
 # the shipped files: name -> (stage output, entries kept, what it is)
-SHIPPED = {"tokenizer.pt": (f"tokenizer_joint{len(JOINT_RATES)}/ckpt.pt",
+SHIPPED = {"tokenizer.pt": (f"{JOINT_DIRS[-1]}/ckpt.pt",
                             ("model", "tokenizer_config", "config", "step", "metrics"),
                             "BSQ-VAE tokenizer (the Infinity VAE of synthfaces)"),
            "judge.pt": (None, ("model", "judge_config", "config", "metrics"), "the judge: detector, identity, "
@@ -94,7 +94,7 @@ SHIPPED = {"tokenizer.pt": (f"tokenizer_joint{len(JOINT_RATES)}/ckpt.pt",
 def judge_and_tokenizer(cfg):
     """(judge.pt, tokenizer checkpoint) a run uses: trained here (--foundation=scratch) or shipped."""
     if cfg.foundation == "scratch":  # the last tokenizer run of the chain
-        last = f"tokenizer_joint{len(JOINT_RATES)}" if "joint" in STAGE_ARGS[cfg.preset] else "tokenizer"
+        last = JOINT_DIRS[-1] if "joint" in STAGE_ARGS[cfg.preset] else "tokenizer"
         return f"{cfg.data_dir}/judge.pt", f"{cfg.out_dir}/{last}/ckpt.pt"
     return f"{cfg.weights_dir}/judge.pt", f"{cfg.weights_dir}/tokenizer.pt"
 
@@ -117,11 +117,13 @@ def stages(cfg):
     if "joint" in args:  # the decoder sharpened on frozen codes, then every weight on: the codes all below read
         out.append(("tokenizer decoder", [py, "train_tokenizer.py", *args["decoder"], f"--data_dir={d}",
                                           f"--out_dir={dec}", f"--init_from={tok}/ckpt.pt", dev], f"{dec}/ckpt.pt"))
-        for k, joint in enumerate(args["joint"]):
-            before, this = f"{dec}/ckpt.pt" if k == 0 else f"{tok}_joint{k}/ckpt.pt", f"{tok}_joint{k + 1}"
+        before = dec
+        for k, (joint, name) in enumerate(zip(args["joint"], JOINT_DIRS)):
+            this = os.path.join(o, name)
             out.append((f"tokenizer joint {k + 1}", [py, "train_tokenizer.py", *joint, f"--data_dir={d}",
-                                                     f"--out_dir={this}", f"--init_from={before}", dev],
+                                                     f"--out_dir={this}", f"--init_from={before}/ckpt.pt", dev],
                         f"{this}/ckpt.pt"))
+            before = this
     out.append(("face encoder", [py, "train_tokenizer.py", *args["face"], f"--data_dir={d}", f"--out_dir={face}",
                                  f"--init_from={tok_ckpt}", f"--id_net=judge:{judge}", dev], f"{face}/ckpt.pt"))
     if with_base:  # the text encoder, pretrained on captions, then the text-to-image base on it (no identity paths;
