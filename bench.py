@@ -2,7 +2,7 @@
 Speed, peak memory and MFU at the sizes of a preset, random weights and inputs (a benchmark, not a test). Its CPU
 figures at the quick-start sizes (docs/from_scratch.md, CPU efficiency), each on an idle machine, eager and compiled:
   python bench.py --what=train [--compile=True]                   # transformer step: tokens/s, cpu_mfu
-  python bench.py --what=tokenizer --batch_size=16 [--compile=True] [--channels_last=True]  # img/s, cpu_mfu
+  python bench.py --what=tokenizer --batch_size=16 [--compile=True]  # img/s, cpu_mfu
   python bench.py --what=recompute                      # KV cache vs recompute: ratio, token_limit 1.69x, of_limit
   python bench.py --what=recompute --pn=1M --batch_size=1         # the 13-scale 1M schedule: token_limit 2.57x
 --profile=True adds each stage's per-op table; on a busy box, OMP_NUM_THREADS=1 with --clock=cpu is steadier.
@@ -42,7 +42,6 @@ class Config:
     what: str = "train,tokenizer,sample,recompute"  # comma-separated stages (see above)
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile each transformer block (train, sample), the VAE's encoder and decoder
-    channels_last: bool = False  # channels_last memory format for the VAE's convolutions
     profile: bool = False  # print a torch.profiler per-op table of each timed stretch
     clock: str = "wall"  # wall | cpu: process CPU time (CPU only; at 1 thread the steadier figure on a busy box)
     batch_size: int = 32  # images per step / sampling call (the quick start: transformer 32, tokenizer 16)
@@ -152,14 +151,13 @@ def bench_train(cfg, device, s):
 def make_vae(cfg, device):
     """A random BSQ-VAE of the preset's sizes."""
     with torch.device(device):
-        vae = tok.BSQVAE(tok.TokenizerConfig(cfg.vae_base_ch, cfg.vae_ch_mult, cfg.vae_res_blocks, 32, cfg.patch_size))
-    return vae.to(memory_format=torch.channels_last) if cfg.channels_last else vae
+        return tok.BSQVAE(tok.TokenizerConfig(cfg.vae_base_ch, cfg.vae_ch_mult, cfg.vae_res_blocks, 32, cfg.patch_size))
 
 
 def bench_tokenizer(cfg, device, _):
     vae, B = make_vae(cfg, device), cfg.batch_size
     (H, W), schedule, _ = geometry(cfg.pn, cfg.image_size, 1.0, cfg.patch_size)
-    x = torch.rand(B, 3, H, W, device=device) * 2 - 1  # (channels_last weights make the convolutions channels_last)
+    x = torch.rand(B, 3, H, W, device=device) * 2 - 1
     loss_fn = fl.CompositeLoss({"l1": 0.2, "l2": 1.0, "vq": 1.0}, alpha=1.0)  # train_tokenizer's synthfaces loss
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, betas=(0.9, 0.99), fused=device.startswith("cuda"))
 
@@ -239,7 +237,7 @@ def main(cfg):
         peak_memory(device, reset=True)
         r = STAGES[name](cfg, device, None if name == "tokenizer" else model())
         r = {"what": name, "preset": cfg.preset, "device": run_info(device).split("device ")[-1],
-             "compile": cfg.compile, "channels_last": cfg.channels_last, "clock": cfg.clock, **r}
+             "compile": cfg.compile, "clock": cfg.clock, **r}
         r.update(peak_mem_GiB=peak_memory(device), load_avg=round(os.getloadavg()[0], 2))  # 1-min load at the end
         results.append(r)
         print(json.dumps(r), flush=True)

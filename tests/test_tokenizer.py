@@ -61,7 +61,7 @@ def decoder_bar(vae, ref):
 def test_encoder_parity(vae_tiny):
     _, _, ref, vae = vae_tiny
     h = vae.encode(ref["input_image"])  # (B, d, H, W)
-    assert h.dtype == torch.float32
+    assert h.dtype == torch.float32 and h.is_contiguous()  # computed channels-last, handed back as plain NCHW
     bar = encoder_bar(vae, ref["h"])
     assert max_diff("h (encoder)", h, ref["h"], bar) <= bar
 
@@ -104,6 +104,7 @@ def test_bits_end_to_end_from_image(vae_tiny):
 def test_decoder_parity(vae_tiny):
     _, _, ref, vae = vae_tiny
     raw = vae.decode(ref["z"], clamp=False)
+    assert raw.is_contiguous()  # computed channels-last, handed back as plain NCHW
     bar = decoder_bar(vae, ref["decoder_raw"])
     assert max_diff("decoder_raw", raw, ref["decoder_raw"], bar) <= bar
     clamped = ref["decoder_raw"].clamp(-1, 1)  # clamping shrinks no error: the bar of the raw output holds
