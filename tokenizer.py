@@ -466,8 +466,8 @@ class BSQVAE(nn.Module):
         self.encoder = Encoder(self.cfg)
         self.decoder = Decoder(self.cfg)
         # channels-last weights and activations: encode and decode run 1.4-2.7x faster on the CPU (bench.py
-        # --what=sample: decode_s), a training step alike; load_state_dict copies into this layout, and encode /
-        # decode hand back plain contiguous tensors
+        # --what=sample: decode_s), a training step no faster or slower; load_state_dict copies into this layout, and
+        # encode / decode hand back plain contiguous tensors
         self.to(memory_format=torch.channels_last)
 
     def encode(self, x):
