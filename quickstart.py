@@ -39,7 +39,7 @@ class Config:
     data_dir: str = "data/synthfaces/out"  # the synthfaces data (and, with --foundation=scratch, its judge)
     out_dir: str = "out"  # every stage's run folder, and quickstart/ (logs, pictures, tables)
     force: bool = False  # rerun every stage (deletes the previous outputs of the stages first)
-    hear_iters: int = 0  # HEAR fine-tune steps (0: the preset's 500, sized for about 10 min on the slower 2-core CPUs)
+    hear_iters: int = 0  # HEAR fine-tune steps (0: the preset's 500: the whole run about 8 min on a slow 2-core CPU)
     device: str = "auto"  # auto | cpu | cuda (passed to every stage)
 
 
